@@ -1,0 +1,273 @@
+"""`AsyncCallback`: a wrapper that runs a callback off the training thread."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import keras
+
+from asynccb._dispatcher import Dispatcher
+from asynccb._hooks import call_hook
+from asynccb._lane import Lane
+from asynccb._options import (
+    EXECUTORS,
+    check_callback,
+    check_choice,
+    check_policy,
+    check_positive_int,
+)
+from asynccb._roles import StateSpec, is_control
+from asynccb._saving import OffloadedSavesModel
+from asynccb._snapshot import StateLevel
+from asynccb._stats import CallbackStats
+
+__all__ = ["AsyncCallback"]
+
+DEFAULT_MAX_PENDING = 16
+DEFAULT_MAX_SNAPSHOTS = 2
+
+
+class AsyncCallback(keras.callbacks.Callback):
+    """Runs a callback's hooks in a worker, off the training thread.
+
+    Each hook of the wrapped callback is queued, in order, for a worker that
+    runs it with a private copy of `logs`. The callback's `self.model` there
+    is a *shadow* model holding a snapshot of the live model taken when the
+    hook was called, so a checkpoint written at step k holds exactly step
+    k's weights. The training thread pays only for the snapshot (a memory
+    copy into reused buffers, and only for hooks that need the model) and
+    for queueing.
+
+    A `ModelCheckpoint` keeps its decisions (when to save, the file name,
+    `best`) on the training thread and offloads only its saves, which
+    appear atomically (temporary file, fsync, rename).
+
+    At the end of the outermost `fit`/`evaluate`/`predict` every queued hook
+    has run and the worker has stopped. An exception in a hook is raised on
+    the training thread, at the next hook or at the end, as an
+    `AsyncCallbackError` whose `__cause__` is the original exception.
+
+    Args:
+        callback: The `keras.callbacks.Callback` to run off the thread.
+        executor: `"thread"` (a worker thread for this callback) or
+            `"async"` (a task in an anyio event loop; `async def` hooks are
+            awaited there, plain ones run in anyio's worker threads).
+        max_pending: The most hooks that may wait in its queue.
+        on_full: What a hook does when the queue (or the pool of snapshot
+            buffers) is full: `"block"` waits for the worker (lossless),
+            `"drop_oldest"` drops the oldest pending hook, `"latest"` drops
+            the oldest pending hook that holds a snapshot, so the newest
+            state wins. Drops are counted in `stats()` and logged.
+        state: What model state the hooks need: `"none"`, `"scalars"`
+            (optimizer iterations and learning rate), `"weights"` or
+            `"full"` (weights and optimizer variables); a dict from hook
+            name to level; or a function `(hook, args) -> level`. Defaults
+            to what asynccb knows of Keras' built-ins, and to `"full"` for
+            other callbacks. Declaring less makes snapshots cheaper.
+        deferred_control: Allow offloading a callback that controls training
+            (EarlyStopping, ReduceLROnPlateau, ...). Its `stop_training` or
+            learning-rate change, made on the shadow, is applied to the live
+            model at the first hook after the worker ran it: later than in
+            plain Keras, by however far the worker lags.
+        max_snapshots: The most snapshot buffers alive at once (memory
+            bound: each holds one copy of the state the callback needs).
+
+    Example:
+
+    ```python
+    model.fit(
+        x, y, epochs=10,
+        callbacks=[
+            AsyncCallback(keras.callbacks.ModelCheckpoint("ckpt.keras")),
+            AsyncCallback(keras.callbacks.CSVLogger("log.csv")),
+            keras.callbacks.EarlyStopping(patience=3),  # stays inline
+        ],
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        callback: keras.callbacks.Callback,
+        executor: str = "thread",
+        max_pending: int = DEFAULT_MAX_PENDING,
+        on_full: str = "block",
+        state: StateSpec | None = None,
+        deferred_control: bool = False,
+        max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
+    ):
+        super().__init__()
+        check_callback("callback", callback)
+        if isinstance(callback, AsyncCallback):
+            raise ValueError(
+                "The callback is already an AsyncCallback; wrap the original "
+                f"callback once. Received: callback={callback!r}"
+            )
+        check_choice("executor", executor, EXECUTORS)
+        check_positive_int("max_pending", max_pending)
+        check_positive_int("max_snapshots", max_snapshots)
+        check_policy(on_full)
+        if is_control(callback) and not deferred_control:
+            raise ValueError(
+                f"{type(callback).__name__} controls training (it can stop "
+                "it or change the learning rate or the weights), so it runs "
+                "on the training thread: pass it unwrapped. To run it in a "
+                "worker anyway, with its effect applied to the live model at "
+                "a later hook, pass deferred_control=True. "
+                f"Received: callback={type(callback).__name__}"
+            )
+        self.callback = callback
+        self._lane = Lane(
+            callback,
+            executor=executor,
+            max_pending=max_pending,
+            on_full=on_full,
+            state=state,
+            deferred_control=deferred_control,
+        )
+        self._dispatcher = Dispatcher(max_snapshots)
+        self._dispatcher.add_lane(self._lane)
+        self._owns_dispatcher = True
+        weakref.finalize(self, self._dispatcher.close)
+
+    def __repr__(self) -> str:
+        return (
+            f"AsyncCallback({self.callback!r}, "
+            f"executor={self._lane.executor!r})"
+        )
+
+    @property
+    def executor(self) -> str:
+        """The executor running this callback's hooks."""
+        return self._lane.executor
+
+    def stats(self) -> CallbackStats:
+        """Counters and timings of this callback's offloaded hooks."""
+        return self._lane.stats()
+
+    def _bind(self, dispatcher: Dispatcher) -> None:
+        """Joins the dispatcher of an `AsyncCallbackList`, which then owns
+        the run's lifecycle and shares snapshots among its callbacks."""
+        if dispatcher is self._dispatcher:
+            return
+        self._dispatcher.close()
+        self._lane.on_failure = lambda: None
+        dispatcher.add_lane(self._lane)
+        self._dispatcher = dispatcher
+        self._owns_dispatcher = False
+
+    # Model and params.
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        lane = self._lane
+        lane.live_model = model
+        if self._owns_dispatcher:
+            self._dispatcher.set_model(model)
+        if lane.saves_only:
+            self.callback.set_model(OffloadedSavesModel(model, self._submit_save))
+        self._dispatcher.submit(lane, "set_model", "set_model")
+
+    def set_params(self, params: Any) -> None:
+        super().set_params(params)
+        if self._lane.saves_only:
+            self.callback.set_params(params)
+        else:
+            self._dispatcher.submit(
+                self._lane, "set_params", "set_params", args=(dict(params),)
+            )
+
+    def _submit_save(self, method: str, args: tuple, kwargs: dict) -> None:
+        self._dispatcher.submit(
+            self._lane, "save", method, args=args, kwargs=kwargs,
+            level=StateLevel.FULL,
+        )
+
+    # Dispatch.
+
+    def dispatch(self, hook: str, args: tuple, logs: Any) -> None:
+        """Sends one hook call to the worker (or, for saves-only callbacks,
+        runs its decision inline). Used as is by `AsyncCallbackList`."""
+        lane = self._lane
+        if lane.saves_only:
+            call_hook(self.callback, hook, args, logs)
+        elif hook in lane.hooks:
+            level = lane.needs(hook, args)
+            self._dispatcher.submit(lane, "hook", hook, args, logs, level=level)
+
+    def _hook(self, hook: str, args: tuple, logs: Any) -> None:
+        if not self._owns_dispatcher:
+            self.dispatch(hook, args, logs)
+            return
+        dispatcher = self._dispatcher
+        try:
+            dispatcher.check()
+            self.dispatch(hook, args, logs)
+        except BaseException as exc:
+            dispatcher.close(cancel=isinstance(exc, KeyboardInterrupt))
+            raise
+        finally:
+            dispatcher.end_dispatch()
+
+    def _begin(self) -> None:
+        if self._owns_dispatcher:
+            self._dispatcher.begin()
+
+    def _end(self) -> None:
+        if self._owns_dispatcher:
+            self._dispatcher.end()
+
+    def on_train_begin(self, logs=None):
+        self._begin()
+        self._hook("on_train_begin", (), logs)
+
+    def on_train_end(self, logs=None):
+        self._hook("on_train_end", (), logs)
+        self._end()
+
+    def on_test_begin(self, logs=None):
+        self._begin()
+        self._hook("on_test_begin", (), logs)
+
+    def on_test_end(self, logs=None):
+        self._hook("on_test_end", (), logs)
+        self._end()
+
+    def on_predict_begin(self, logs=None):
+        self._begin()
+        self._hook("on_predict_begin", (), logs)
+
+    def on_predict_end(self, logs=None):
+        self._hook("on_predict_end", (), logs)
+        self._end()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._hook("on_epoch_begin", (epoch,), logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._hook("on_epoch_end", (epoch,), logs)
+
+    def on_batch_begin(self, batch, logs=None):
+        self._hook("on_batch_begin", (batch,), logs)
+
+    def on_batch_end(self, batch, logs=None):
+        self._hook("on_batch_end", (batch,), logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._hook("on_train_batch_begin", (batch,), logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._hook("on_train_batch_end", (batch,), logs)
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._hook("on_test_batch_begin", (batch,), logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._hook("on_test_batch_end", (batch,), logs)
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        self._hook("on_predict_batch_begin", (batch,), logs)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self._hook("on_predict_batch_end", (batch,), logs)

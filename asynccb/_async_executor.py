@@ -1,0 +1,64 @@
+"""The `async` executor: offloaded callbacks as tasks of an anyio event loop.
+
+The loop runs in a background thread behind a blocking portal, so it works
+the same whether or not the training thread has an event loop of its own
+(a notebook, an async test). A callback may define `async def` hooks, which
+are awaited in the loop; its plain hooks run in anyio's worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from asynccb._channel import CLOSED
+from asynccb._lane import Lane
+
+__all__ = ["AsyncExecutor"]
+
+
+async def _consume(lane: Lane, portal: BlockingPortal) -> None:
+    while True:
+        wakeup = anyio.Event()
+        # Called on the training thread by the next put: hop to the loop.
+        task = lane.channel.get_or_arm(
+            lambda: portal.start_task_soon(wakeup.set)
+        )
+        if task is None:
+            await wakeup.wait()
+            continue
+        if task is CLOSED:
+            return
+        await lane.run_async(task)
+
+
+class AsyncExecutor:
+    """Runs each lane as a consumer task in one shared event loop."""
+
+    name = "async"
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+        self._portal: BlockingPortal | None = None
+        self._consumers: list[Future[Any]] = []
+
+    def start(self, lane: Lane) -> None:
+        if self._portal is None:
+            self._stack = contextlib.ExitStack()
+            self._portal = self._stack.enter_context(start_blocking_portal())
+        self._consumers.append(self._portal.start_task_soon(_consume, lane, self._portal))
+
+    def stop(self) -> None:
+        """Waits for the consumers (channels closed) and stops the loop."""
+        try:
+            while self._consumers:
+                self._consumers[-1].result()
+                self._consumers.pop()
+        finally:
+            if self._stack is not None:
+                stack, self._stack, self._portal = self._stack, None, None
+                stack.close()

@@ -1,0 +1,184 @@
+"""An ordered, bounded queue from the training thread to one consumer."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+__all__ = ["Channel", "CLOSED", "POLICIES"]
+
+POLICIES = ("block", "drop_oldest", "latest")
+
+CLOSED = object()
+"""Returned by `Channel.get` once the channel is closed and empty."""
+
+
+class Channel:
+    """A FIFO of at most `capacity` pending items, with a full-queue policy.
+
+    The training thread puts; one consumer (a worker thread, or an async
+    task that arms a waker) takes items in order and marks each done.
+
+    Args:
+        capacity: The maximum number of pending (not yet taken) items.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.high_water = 0
+        self._items: collections.deque = collections.deque()
+        self._unfinished = 0
+        self._closed = False
+        self._waker: Callable[[], None] | None = None
+        self._cond = threading.Condition()
+
+    # Producer side (training thread).
+
+    def make_room(
+        self,
+        policy: str,
+        interrupted: Callable[[], bool],
+    ) -> tuple[float, list[Any]]:
+        """Ensures one more item fits, as `policy` says.
+
+        Args:
+            policy: One of `POLICIES`. `block` waits; `drop_oldest` removes
+                the oldest pending item; `latest` removes the oldest pending
+                item that holds a snapshot, or the oldest if none does.
+            interrupted: Checked while blocked; when it returns true the wait
+                ends early (a worker failed and the caller will raise).
+
+        Returns:
+            The seconds spent blocked, and the items dropped.
+        """
+        dropped: list[Any] = []
+        blocked = 0.0
+        with self._cond:
+            while len(self._items) >= self.capacity:
+                if policy == "block":
+                    if interrupted():
+                        break
+                    start = time.perf_counter()
+                    self._cond.wait()
+                    blocked += time.perf_counter() - start
+                else:
+                    dropped.append(self._remove_victim(policy))
+        return blocked, dropped
+
+    def _remove_victim(self, policy: str) -> Any:
+        victim = None
+        if policy == "latest":
+            victim = next(
+                (item for item in self._items
+                 if getattr(item, "snapshot", None) is not None),
+                None,
+            )
+        if victim is None:
+            victim = self._items[0]
+        self._items.remove(victim)
+        self._unfinished -= 1
+        self._cond.notify_all()
+        return victim
+
+    def drop_oldest_holding_snapshot(self) -> Any:
+        """Removes and returns the oldest pending item with a snapshot."""
+        with self._cond:
+            for item in self._items:
+                if getattr(item, "snapshot", None) is not None:
+                    self._items.remove(item)
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+                    return item
+        return None
+
+    def put(self, item: Any) -> None:
+        """Appends `item`; call `make_room` first to respect the bound."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("put() on a closed asynccb channel")
+            self._items.append(item)
+            self._unfinished += 1
+            self.high_water = max(self.high_water, len(self._items))
+            self._cond.notify_all()
+            waker, self._waker = self._waker, None
+        if waker is not None:
+            waker()
+
+    def close(self) -> None:
+        """No more puts: the consumer gets `CLOSED` after the last item."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            waker, self._waker = self._waker, None
+        if waker is not None:
+            waker()
+
+    def cancel(self) -> list[Any]:
+        """Removes and returns every pending item."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._unfinished -= len(items)
+            self._cond.notify_all()
+        return items
+
+    def join(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Waits until every item put so far is done (or `interrupted`)."""
+        with self._cond:
+            while self._unfinished > 0 and not interrupted():
+                self._cond.wait()
+
+    def interrupt(self) -> None:
+        """Wakes the producer's waits so they can check `interrupted`."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def pending(self) -> list[Any]:
+        """A copy of the pending items, oldest first."""
+        with self._cond:
+            return list(self._items)
+
+    # Consumer side.
+
+    def get(self) -> Any:
+        """The next item, blocking; `CLOSED` once closed and drained."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return CLOSED
+                self._cond.wait()
+            return self._items.popleft()
+
+    def get_or_arm(self, waker: Callable[[], None]) -> Any:
+        """The next item, or `None` after arming `waker` for the next put.
+
+        For consumers that cannot block a thread (async tasks): `waker` is
+        called, from the producer's thread, on the next `put` or `close`.
+        """
+        with self._cond:
+            if self._items:
+                return self._items.popleft()
+            if self._closed:
+                return CLOSED
+            self._waker = waker
+            return None
+
+    def done(self, count: int = 1) -> None:
+        """Marks taken items finished (for `join`)."""
+        with self._cond:
+            self._unfinished -= count
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+def release_all(items: Iterable[Any]) -> None:
+    """Releases the snapshots held by `items` (dropped or cancelled)."""
+    for item in items:
+        snapshot = getattr(item, "snapshot", None)
+        if snapshot is not None:
+            snapshot.release()

@@ -1,0 +1,422 @@
+"""The dispatcher: lanes, snapshots, run lifecycle and error surfacing."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from asynccb._async_executor import AsyncExecutor
+from asynccb._channel import release_all
+from asynccb._errors import AsyncCallbackError
+from asynccb._hooks import copy_logs
+from asynccb._lane import Lane
+from asynccb._snapshot import (
+    BufferPool,
+    Snapshot,
+    StateLayout,
+    StateLevel,
+    allocate_private,
+    state_variables,
+)
+from asynccb._stats import CallbackStats
+from asynccb._tasks import Task
+from asynccb._thread_executor import ThreadExecutor
+
+__all__ = ["Dispatcher"]
+
+logger = logging.getLogger("asynccb")
+
+_EXECUTORS = {"thread": ThreadExecutor, "async": AsyncExecutor}
+
+# How often the run watch looks whether `fit` is still on the stack. It only
+# matters when `fit` raised past our hooks: then it bounds how long the
+# workers outlive it before they finish their queues and stop.
+_WATCH_PERIOD_S = 0.2
+
+_live_dispatchers: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
+
+
+class Dispatcher:
+    """Routes hooks of offloaded callbacks to their lanes.
+
+    One dispatcher serves an `AsyncCallbackList` (or a lone `AsyncCallback`):
+    it takes snapshots on the training thread, shares one snapshot among the
+    lanes that need the model in the same dispatch, starts the executors at
+    the first `on_*_begin`, drains and stops them at the last `on_*_end`,
+    and raises a lane's failure on the training thread.
+
+    Args:
+        max_snapshots: How many snapshot buffers may be alive at once.
+    """
+
+    def __init__(self, max_snapshots: int):
+        self.lanes: list[Lane] = []
+        self.model: Any = None
+        self.pool = BufferPool(max_snapshots, allocate_private)
+        self.snapshots = 0
+        self.snapshot_bytes = 0
+        self._layouts: dict[StateLevel, StateLayout] = {}
+        self._shared: Snapshot | None = None
+        self._depth = 0
+        self._executors: dict[str, Any] = {}
+        self._running = False
+        self._lifecycle = threading.RLock()
+        self._watch: _RunWatch | None = None
+        _live_dispatchers.add(self)
+
+    # Configuration.
+
+    def add_lane(self, lane: Lane) -> None:
+        names = {existing.name for existing in self.lanes}
+        base, number = lane.name, 2
+        while lane.name in names:
+            lane.name = f"{base}#{number}"
+            number += 1
+        lane.on_failure = self._interrupt
+        self.lanes.append(lane)
+
+    def set_model(self, model: Any) -> None:
+        if model is not self.model:
+            self.model = model
+            self._layouts.clear()
+
+    # Run lifecycle.
+
+    def begin(self) -> None:
+        """Enters a run (`on_*_begin`); the outermost starts the workers."""
+        with self._lifecycle:
+            self._depth += 1
+            if self._depth == 1:
+                self.start()
+                self._watch_run()
+
+    def end(self) -> None:
+        """Leaves a run (`on_*_end`); the outermost drains and stops.
+
+        Raises:
+            AsyncCallbackError: If an offloaded hook failed.
+        """
+        with self._lifecycle:
+            if self._depth == 0:
+                raise ValueError(
+                    "`on_*_end` called without a matching `on_*_begin`."
+                )
+            self._depth -= 1
+            if self._depth == 0:
+                self.close()
+        self.raise_failure()
+
+    def start(self) -> None:
+        """Starts a worker per lane; hooks queued before wait for it."""
+        with self._lifecycle:
+            if self._running:
+                return
+            self._running = True
+            for lane in self.lanes:
+                executor = self._executors.get(lane.executor)
+                if executor is None:
+                    executor = _EXECUTORS[lane.executor]()
+                    self._executors[lane.executor] = executor
+                executor.start(lane)
+            self._reserve()
+
+    def close(self, cancel: bool = False) -> None:
+        """Finishes (or, with `cancel`, discards) queued hooks and stops.
+
+        Afterwards no worker of this dispatcher runs, every snapshot buffer
+        is freed, and each callback has its live model back.
+        """
+        with self._lifecycle:
+            if not self._running:
+                return
+            self._release_shared()
+            try:
+                self._stop_workers(cancel)
+            except BaseException:
+                # Interrupted while waiting (Ctrl-C): stop without waiting
+                # for the queues, only for the hooks already running.
+                self._stop_workers(cancel=True)
+                raise
+            finally:
+                for lane in self.lanes:
+                    lane.restore()
+                self.pool.close()
+                self._layouts.clear()
+                self._depth = 0
+                self._running = False
+                if self._watch is not None:
+                    self._watch.stop()
+                    self._watch = None
+
+    def _stop_workers(self, cancel: bool) -> None:
+        for lane in self.lanes:
+            if cancel:
+                lane.cancel_pending()
+            lane.channel.close()
+        for executor in list(self._executors.values()):
+            executor.stop()
+        self._executors.clear()
+
+    def _watch_run(self) -> None:
+        frame = _keras_run_frame()
+        if frame is not None:
+            self._watch = _RunWatch(self, frame)
+
+    def abandon(self) -> None:
+        """Called when `fit` ended without its end hook: it raised."""
+        with self._lifecycle:
+            if not self._running:
+                return
+            logger.warning(
+                "asynccb: the run ended without `on_*_end` (it raised); "
+                "finishing the queued hooks of %s.",
+                ", ".join(lane.name for lane in self.lanes),
+            )
+            self.close()
+        for lane in self.lanes:
+            failure = lane.take_error()
+            if failure is not None:
+                exc, task, _ = failure
+                logger.error(
+                    "asynccb: %s.%s failed after the run ended.",
+                    lane.name, task, exc_info=exc,
+                )
+
+    # Errors and deferred control.
+
+    def _interrupt(self) -> None:
+        # A lane failed: wake the training thread if it waits on a queue or
+        # on the pool, so it raises instead of waiting.
+        self.pool.interrupt()
+        for lane in self.lanes:
+            lane.channel.interrupt()
+
+    def check(self) -> None:
+        """Raises a failure, applies deferred control: at every hook."""
+        for lane in self.lanes:
+            if lane.error is not None:
+                self.close()
+                self.raise_failure()
+            while lane.effects:
+                self._apply_effects(lane, lane.effects.popleft())
+
+    def raise_failure(self) -> None:
+        """Raises the first recorded failure as `AsyncCallbackError`."""
+        failures = [
+            (lane, failure) for lane in self.lanes
+            if (failure := lane.take_error()) is not None
+        ]
+        if not failures:
+            return
+        (lane, (exc, task, cancelled)), *others = failures
+        for other, (other_exc, other_task, _) in others:
+            logger.error("asynccb: %s.%s also failed.", other.name,
+                         other_task, exc_info=other_exc)
+        where = "thread" if lane.executor == "thread" else lane.executor
+        message = (
+            f"{lane.name}.{task} failed in its {where} worker: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        if cancelled:
+            message += f" (cancelled, still queued: {', '.join(cancelled)})"
+        raise AsyncCallbackError(
+            message, callback_name=lane.name, hook=task,
+            pending=tuple(cancelled),
+        ) from exc
+
+    def _apply_effects(self, lane: Lane, effects: dict) -> None:
+        model = lane.live_model
+        if model is None:
+            return
+        if effects.get("stop_training"):
+            model.stop_training = True
+        if "learning_rate" in effects:
+            model.optimizer.learning_rate = effects["learning_rate"]
+
+    # Dispatch (training thread).
+
+    def end_dispatch(self) -> None:
+        """Ends the sharing window of the current dispatch's snapshot."""
+        if self._shared is not None:
+            self._release_shared()
+
+    def submit(
+        self,
+        lane: Lane,
+        kind: str,
+        name: str,
+        args: tuple = (),
+        logs: Any = None,
+        kwargs: dict | None = None,
+        level: StateLevel = StateLevel.NONE,
+    ) -> None:
+        """Queues work for `lane`, with a snapshot if `level` asks for one.
+
+        Raises:
+            AsyncCallbackError: If a lane failed.
+        """
+        if not self._running:
+            self.start()  # A loop that skipped `on_*_begin`.
+        start = time.perf_counter()
+        blocked, dropped = lane.channel.make_room(
+            lane.policy, interrupted=lambda: lane.error is not None
+        )
+        lane.record_drops(dropped)
+        if lane.error is not None:
+            self.check()
+        task = Task(kind, name, args, copy_logs(logs), kwargs or {},
+                    model=lane.live_model)
+        snapshot_s = 0.0
+        if level > StateLevel.NONE and self.model is not None:
+            task.snapshot, snapshot_s, waited = self._snapshot(level, lane)
+            blocked += waited
+        lane.channel.put(task)
+        lane.dispatched += 1
+        elapsed = time.perf_counter() - start
+        lane.blocked_time.add(blocked)
+        if snapshot_s:
+            lane.snapshot_time.add(snapshot_s)
+        lane.enqueue_time.add(elapsed - blocked - snapshot_s)
+        lane.dispatch_time.add(elapsed)
+
+    def _snapshot(self, level: StateLevel, lane: Lane):
+        shared = self._shared
+        if shared is not None and shared.level >= level:
+            return shared.retain(), 0.0, 0.0
+        layout = self._layout(level)
+        waited = 0.0
+        buffer = None
+        if layout.nbytes:
+            buffer, waited = self._acquire(layout.nbytes, lane)
+        start = time.perf_counter()
+        if buffer is not None:
+            layout.capture(buffer.data)
+        snapshot = Snapshot(level, layout, buffer, self.pool,
+                            bool(getattr(self.model, "stop_training", False)))
+        took = time.perf_counter() - start
+        self.snapshots += 1
+        self.snapshot_bytes += layout.nbytes
+        self._release_shared()
+        self._shared = snapshot.retain()
+        return snapshot.retain(), took, waited
+
+    def _layout(self, level: StateLevel) -> StateLayout:
+        variables = state_variables(self.model, level)
+        layout = self._layouts.get(level)
+        if layout is None or len(layout.variables) != len(variables) or any(
+            a is not b for a, b in zip(layout.variables, variables)
+        ):
+            layout = StateLayout(level, variables)
+            self._layouts[level] = layout
+        return layout
+
+    def _acquire(self, nbytes: int, lane: Lane):
+        waited = 0.0
+        while True:
+            buffer, generation = self.pool.try_acquire(nbytes)
+            if buffer is not None:
+                return buffer, waited
+            if self._shared is not None:
+                self._release_shared()  # It may hold the last free buffer.
+                continue
+            if lane.policy != "block":
+                victim = lane.channel.drop_oldest_holding_snapshot()
+                if victim is not None:
+                    lane.record_drops([victim])
+                    continue
+            self.check()
+            start = time.perf_counter()
+            self.pool.wait(generation)
+            waited += time.perf_counter() - start
+
+    def _release_shared(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.release()
+
+    def _reserve(self) -> None:
+        # Allocate (and page in) the first buffer for checkpoints now, at
+        # the start of the run, rather than in the first checkpoint's step.
+        if not any(lane.saves_only for lane in self.lanes):
+            return
+        if self.model is not None and getattr(self.model, "built", False):
+            nbytes = self._layout(StateLevel.FULL).nbytes
+            if nbytes:
+                self.pool.reserve(nbytes)
+
+    # Stats.
+
+    def lane_stats(self) -> dict[str, CallbackStats]:
+        return {lane.name: lane.stats() for lane in self.lanes}
+
+
+def _keras_run_frame() -> Any:
+    """The frame of Keras' `fit`/`evaluate`/`predict` running this hook.
+
+    Keras calls no `on_*_end` hook when `fit` raises, so nothing would tell
+    the workers that the run is over; the run watch looks for this frame
+    instead. In a hand-written loop the caller is the user's code, which
+    calls the end hooks itself: no frame is watched.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(("asynccb", "keras.src.callbacks")):
+            return frame if module.startswith("keras.") else None
+        frame = frame.f_back
+    return None
+
+
+class _RunWatch:
+    """Closes a dispatcher whose Keras run left the stack without ending.
+
+    Args:
+        dispatcher: The dispatcher to close.
+        frame: The `fit`/`evaluate`/`predict` frame of the run.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, frame: Any):
+        self._dispatcher = weakref.ref(dispatcher)
+        self._frame = frame
+        self._thread_id = threading.get_ident()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="asynccb-run-watch", daemon=True
+        )
+        self._thread.start()
+
+    def _run_alive(self) -> bool:
+        frame = sys._current_frames().get(self._thread_id)
+        while frame is not None:
+            if frame is self._frame:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(_WATCH_PERIOD_S):
+            if not self._run_alive():
+                self._frame = None
+                dispatcher = self._dispatcher()
+                if dispatcher is not None:
+                    dispatcher.abandon()
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._frame = None
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+@atexit.register
+def _close_all() -> None:
+    # A hand-written loop that never called `on_train_end`: finish its
+    # queued hooks (nothing is lost) before the interpreter goes.
+    for dispatcher in list(_live_dispatchers):
+        dispatcher.close()

@@ -1,0 +1,203 @@
+"""A lane: one offloaded callback's queue, worker-side runner and stats."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+import anyio.to_thread
+
+from asynccb._channel import Channel, release_all
+from asynccb._hooks import effective_hooks
+from asynccb._roles import StateSpec, offloads_saves, state_planner
+from asynccb._snapshot import StateLevel
+from asynccb._stats import CallbackStats, SampleMap, Samples
+from asynccb._tasks import Task, TaskRunner
+
+__all__ = ["Lane"]
+
+logger = logging.getLogger("asynccb")
+
+
+class Lane:
+    """Everything about one offloaded callback, on both sides of its queue.
+
+    The training thread dispatches into `channel`; the executor's consumer
+    takes tasks in order and runs each with `run` (or `run_async`), one at a
+    time. A failure is recorded here and raised on the training thread by
+    the dispatcher.
+
+    Args:
+        callback: The wrapped `keras.callbacks.Callback`.
+        executor: The executor's name.
+        max_pending: The queue bound.
+        on_full: The full-queue policy.
+        state: The declared state needs, or `None` to infer them.
+        deferred_control: Whether control effects made in the worker are
+            applied to the live model later, instead of being an error.
+    """
+
+    def __init__(
+        self,
+        callback: Any,
+        *,
+        executor: str,
+        max_pending: int,
+        on_full: str,
+        state: StateSpec | None,
+        deferred_control: bool,
+    ):
+        self.callback = callback
+        self.name = type(callback).__name__
+        self.executor = executor
+        self.policy = on_full
+        self.saves_only = offloads_saves(callback)
+        self.hooks = frozenset() if self.saves_only else effective_hooks(callback)
+        self.needs: Callable[[str, tuple], StateLevel] = (
+            (lambda hook, args: StateLevel.NONE) if self.saves_only
+            else state_planner(callback, state)
+        )
+        self.channel = Channel(max_pending)
+        self.runner = TaskRunner(
+            None if self.saves_only else callback, deferred_control
+        )
+        self.live_model: Any = None
+        self.on_failure: Callable[[], None] = lambda: None
+        self.effects: collections.deque = collections.deque()
+        self.error: BaseException | None = None
+        self.failed_task = ""
+        self.cancelled_tasks: list[str] = []
+        # Counters: written by one side each, read by `stats()`.
+        self.dispatched = 0
+        self.completed = 0
+        self.dropped = 0
+        self.cancelled = 0
+        self.worker_time = SampleMap()
+        self.snapshot_time = Samples()
+        self.enqueue_time = Samples()
+        self.blocked_time = Samples()
+        self.dispatch_time = Samples()
+
+    # Training-thread side.
+
+    def record_drops(self, tasks: list[Task]) -> None:
+        """Counts and logs tasks removed by the full-queue policy."""
+        if not tasks:
+            return
+        release_all(tasks)
+        first = self.dropped == 0
+        self.dropped += len(tasks)
+        log = logger.warning if first else logger.info
+        log(
+            "asynccb: %s queue full (on_full=%r): dropped %s; %d dropped so "
+            "far.",
+            self.name,
+            self.policy,
+            ", ".join(task.describe() for task in tasks),
+            self.dropped,
+        )
+
+    def cancel_pending(self) -> None:
+        """Discards every pending task (failure or interrupt)."""
+        tasks = self.channel.cancel()
+        release_all(tasks)
+        self.cancelled += len(tasks)
+        self.cancelled_tasks.extend(task.describe() for task in tasks)
+
+    def take_error(self) -> tuple[BaseException, str, list[str]] | None:
+        """The recorded failure, cleared so the next run starts clean."""
+        if self.error is None:
+            return None
+        failure = (self.error, self.failed_task, list(self.cancelled_tasks))
+        self.error = None
+        self.failed_task = ""
+        self.cancelled_tasks.clear()
+        return failure
+
+    def restore(self) -> None:
+        """Gives the user's callback its live model back (end of run).
+
+        During the run its `model` was a shadow (or, for saves, a stand-in);
+        after it, as after plain Keras, `callback.model` is the live model.
+        """
+        if self.live_model is not None:
+            self.callback._model = self.live_model
+        self.runner.close()
+
+    def stats(self) -> CallbackStats:
+        return CallbackStats(
+            name=self.name,
+            executor=self.executor,
+            dispatched=self.dispatched,
+            completed=self.completed,
+            dropped=self.dropped,
+            cancelled=self.cancelled,
+            queue_high_water=self.channel.high_water,
+            worker_time=self.worker_time.timings(),
+            snapshot=self.snapshot_time.timing(),
+            enqueue=self.enqueue_time.timing(),
+            blocked=self.blocked_time.timing(),
+            dispatch=self.dispatch_time.timing(),
+        )
+
+    # Worker side.
+
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        self.failed_task = task.describe()
+        self.error = exc
+        self.cancel_pending()
+        self.on_failure()
+
+    def _finish(self, task: Task, start: float, effects: dict) -> None:
+        self.worker_time.add(task.name, time.perf_counter() - start)
+        if effects:
+            self.effects.append(effects)
+        self.completed += 1
+
+    def _release(self, task: Task) -> None:
+        if task.snapshot is not None:
+            task.snapshot.release()
+            task.snapshot = None
+        self.channel.done()
+
+    def run(self, task: Task) -> None:
+        """Runs one task in a worker thread, with bookkeeping."""
+        try:
+            if self.error is not None:
+                self.cancelled += 1  # Failed lanes discard what is left.
+                return
+            start = time.perf_counter()
+            try:
+                effects = self.runner.run(task)
+            except BaseException as exc:  # Raised on the training thread.
+                self._fail(task, exc)
+            else:
+                self._finish(task, start, effects)
+        finally:
+            self._release(task)
+
+    async def run_async(self, task: Task) -> None:
+        """Runs one task in the event loop: coroutine hooks are awaited,
+        plain ones (and snapshot copies) run in anyio's worker threads."""
+        try:
+            if self.error is not None:
+                self.cancelled += 1
+                return
+            start = time.perf_counter()
+            try:
+                before = await anyio.to_thread.run_sync(
+                    self.runner.prepare, task
+                )
+                if self.runner.is_coroutine_hook(task):
+                    await self.runner.invoke(task)
+                else:
+                    await anyio.to_thread.run_sync(self.runner.invoke, task)
+                effects = self.runner.effects(task, before)
+            except Exception as exc:  # Cancellation must propagate.
+                self._fail(task, exc)
+            else:
+                self._finish(task, start, effects)
+        finally:
+            self._release(task)

@@ -1,0 +1,127 @@
+"""Model saves that run in a worker and land atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import Any, Callable, Iterator
+
+__all__ = ["atomic_path", "save_atomically", "OffloadedSavesModel"]
+
+# Keras picks the file format from the name's ending, so a temporary name
+# must keep it.
+_SUFFIXES = (".weights.h5", ".weights.json", ".keras", ".h5")
+
+
+def _split_suffix(basename: str) -> tuple[str, str]:
+    for suffix in _SUFFIXES:
+        if basename.endswith(suffix):
+            return basename[: -len(suffix)], suffix
+    stem, ext = os.path.splitext(basename)
+    return stem, ext
+
+
+def temporary_name(path: str) -> str:
+    """A hidden name beside `path`, unique, with the same file ending."""
+    directory, basename = os.path.split(path)
+    stem, suffix = _split_suffix(basename)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return os.path.join(directory, f".{stem}.asynccb-tmp-{token}{suffix}")
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path to write; on success it replaces `path`.
+
+    The file is written under a hidden temporary name in the same
+    directory, flushed to disk, then renamed over `path`, so readers and a
+    crash at any moment see either the previous complete file or the new
+    complete one, never a partial file. On failure the temporary file is
+    removed and the previous file is untouched.
+
+    Remote paths (`gs://`, `s3://`, ...) are yielded unchanged: their
+    stores replace objects whole anyway, and a local rename cannot apply.
+    """
+    path = os.fspath(path)
+    if "://" in path:
+        yield path
+        return
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
+def save_atomically(model: Any, method: str, args: tuple, kwargs: dict) -> None:
+    """Calls `model.<method>(filepath, ...)` so the file appears atomically.
+
+    Args:
+        model: The (shadow) model to save.
+        method: `"save"` or `"save_weights"`.
+        args: The positional arguments of the original call; the first is
+            the file path.
+        kwargs: Its keyword arguments.
+    """
+    filepath, *rest = args
+    kwargs = dict(kwargs)
+    overwrite = kwargs.pop("overwrite", True)
+    filepath = os.fspath(filepath)
+    if not overwrite and os.path.exists(filepath):
+        raise FileExistsError(
+            f"{filepath} exists and the save was called with overwrite=False."
+        )
+    directory = os.path.dirname(filepath)
+    if directory and "://" not in filepath:
+        os.makedirs(directory, exist_ok=True)
+    with atomic_path(filepath) as tmp:
+        getattr(model, method)(tmp, *rest, overwrite=True, **kwargs)
+
+
+class OffloadedSavesModel:
+    """Stands in for the live model in a callback whose saves are offloaded.
+
+    `ModelCheckpoint` decides on the training thread when and where to save
+    (cheap: counters, a comparison, a file name) and then calls
+    `self.model.save(...)` or `self.model.save_weights(...)`, the slow part.
+    With this stand-in as its model, those two calls snapshot the state and
+    queue the save for a worker; everything else reads the live model.
+
+    Args:
+        model: The live model.
+        submit_save: Called with `(method, args, kwargs)` instead of saving.
+    """
+
+    def __init__(self, model: Any, submit_save: Callable[[str, tuple, dict], None]):
+        object.__setattr__(self, "_live_model", model)
+        object.__setattr__(self, "_submit_save", submit_save)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self._submit_save("save", args, kwargs)
+
+    def save_weights(self, *args: Any, **kwargs: Any) -> None:
+        self._submit_save("save_weights", args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live_model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._live_model, name, value)
+
+    def __repr__(self) -> str:
+        return f"<OffloadedSavesModel of {self._live_model!r}>"

@@ -1,0 +1,209 @@
+"""Shadow models: rebuilt copies of the live model that hold snapshots.
+
+An offloaded callback never touches the model being trained. Its
+`self.model` is a shadow: the same architecture, rebuilt from the live
+model's serialized config, into which each hook's snapshot is copied before
+the hook runs. Saving the shadow writes exactly the file that saving the
+live model at dispatch would have written.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from asynccb._snapshot import (
+    Snapshot,
+    StateLayout,
+    state_variables,
+    variables_signature,
+)
+
+__all__ = ["ModelBlueprint", "Shadow"]
+
+_KERAS_MODULES = ("keras.", "tensorflow.", "tf_keras.")
+
+
+def _sublayers(model: Any) -> list[Any]:
+    # `_flatten_layers` is how Keras itself walks nested layers (saving,
+    # summaries); there is no public equivalent.
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _custom_objects(model: Any) -> dict[str, Any]:
+    """The classes and functions, outside Keras, that rebuilding needs.
+
+    Collected from the live objects rather than found by module lookup, so
+    a layer defined in `__main__`, in a test module, or inside a function
+    rebuilds without any registration.
+    """
+    found: dict[str, Any] = {}
+
+    def add(obj: Any) -> None:
+        if obj is None or isinstance(obj, (str, int, float, bool)):
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                add(item)
+            return
+        if isinstance(obj, dict):
+            for item in obj.values():
+                add(item)
+            return
+        target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else (
+            type(obj)
+        )
+        if target.__module__.startswith(_KERAS_MODULES):
+            return
+        found[keras.saving.get_registered_name(target)] = target
+
+    add(model)
+    for layer in _sublayers(model):
+        add(layer)
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is not None:
+        add(compile_config.config)
+    return found
+
+
+def _unserializable_layer(model: Any) -> Any:
+    """The first layer whose config cannot be taken, for error messages."""
+    for layer in _sublayers(model):
+        try:
+            layer.get_config()
+        except NotImplementedError:
+            return layer
+    return model
+
+
+@dataclass
+class ModelBlueprint:
+    """Everything a worker needs to rebuild a model, without its weights.
+
+    Attributes:
+        config: The model's serialized form (`serialize_keras_object`),
+            with its build and compile configs.
+        custom_objects: The non-Keras classes and functions it refers to.
+        layer_names: The names of the nested layers, in walk order. A
+            rebuilt subclassed model names its sublayers afresh (Keras
+            counts names per thread), and saved files use these names.
+    """
+
+    config: dict
+    custom_objects: dict[str, Any] = field(default_factory=dict)
+    layer_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: Any) -> "ModelBlueprint":
+        """Takes the blueprint of `model`.
+
+        Raises:
+            ValueError: If the model cannot be serialized; the message names
+                the layer that lacks a `get_config()`.
+        """
+        try:
+            config = keras.saving.serialize_keras_object(model)
+        except NotImplementedError as exc:
+            layer = _unserializable_layer(model)
+            raise ValueError(
+                f"asynccb cannot rebuild model {model.name!r} for an "
+                f"offloaded callback: layer {layer.name!r} "
+                f"({type(layer).__name__}) does not implement "
+                "`get_config()`. Implement `get_config()` on it, or keep the "
+                "callbacks that need the model synchronous (do not wrap them "
+                "in AsyncCallback)."
+            ) from exc
+        return cls(
+            config=config,
+            custom_objects=_custom_objects(model),
+            layer_names=[layer.name for layer in _sublayers(model)],
+        )
+
+    def build(self) -> Any:
+        """Rebuilds the model: built and compiled as the original was."""
+        with keras.saving.CustomObjectScope(self.custom_objects):
+            # The config is our own, taken from the user's live model, so
+            # `Lambda` layers are as trusted as the user's code.
+            model = keras.saving.deserialize_keras_object(
+                self.config, safe_mode=False
+            )
+        layers = _sublayers(model)
+        if len(layers) == len(self.layer_names):
+            for layer, name in zip(layers, self.layer_names):
+                layer.name = name
+        return model
+
+
+class Shadow:
+    """A worker's shadow of the live model, rebuilt when its shape changes.
+
+    Args:
+        source: Where the blueprint comes from: the live model itself (a
+            thread worker serializes it there, off the training thread), or
+            a `ModelBlueprint` (a process worker).
+    """
+
+    def __init__(self, source: Any):
+        self._source = source
+        self.model: Any = None
+        self._signatures: dict[int, tuple] = {}
+
+    def _blueprint(self) -> ModelBlueprint:
+        if isinstance(self._source, ModelBlueprint):
+            return self._source
+        return ModelBlueprint.of(self._source)
+
+    def set_source(self, source: Any) -> None:
+        """Points the shadow at a new model; rebuilt on next use."""
+        if source is not self._source:
+            self._source = source
+            self.model = None
+            self._signatures.clear()
+
+    def get(self) -> Any:
+        """The shadow model, built on first use; `None` without a source."""
+        if self.model is None and self._source is not None:
+            self.model = self._blueprint().build()
+            self._signatures.clear()
+        return self.model
+
+    def apply(self, snapshot: Snapshot) -> Any:
+        """Copies `snapshot` into the shadow's variables.
+
+        Rebuilds the shadow first if its variables do not match the
+        snapshot's (a model or optimizer built after the shadow was made,
+        as in a hand-written loop that builds on the first step).
+
+        Returns:
+            The shadow model holding the snapshot.
+        """
+        model = self.get()
+        variables = self._matching_variables(model, snapshot.layout)
+        if variables is None:
+            self.model = None
+            model = self.get()
+            variables = self._matching_variables(model, snapshot.layout)
+            if variables is None:
+                raise ValueError(
+                    f"asynccb rebuilt model {model.name!r} but its variables "
+                    "do not match the live model's: "
+                    f"{len(snapshot.layout.slots)} live variables, "
+                    f"{len(state_variables(model, snapshot.level))} rebuilt. "
+                    "Its `get_config()`/`from_config()` may not round-trip."
+                )
+        for variable, value in zip(variables, snapshot.arrays()):
+            variable.assign(value)
+        model.stop_training = snapshot.stop_training
+        return model
+
+    def _matching_variables(self, model: Any, layout: StateLayout):
+        """The shadow's variables for `layout`, or `None` on a mismatch."""
+        variables = state_variables(model, layout.level)
+        signature = self._signatures.get(layout.level)
+        if signature is None:
+            signature = variables_signature(variables)
+            self._signatures[layout.level] = signature
+        return variables if signature == layout.signature else None

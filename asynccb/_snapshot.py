@@ -1,0 +1,341 @@
+"""Snapshots: the model state an offloaded hook sees, copied at dispatch.
+
+A snapshot is a copy of some of the model's variables into a buffer taken
+from a pool of reused, pre-allocated buffers. Taking one costs the training
+thread a memory copy of the bytes it holds; nothing is allocated per step.
+Buffers are reference counted, so callbacks that need the model at the same
+step share one snapshot.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "StateLevel",
+    "StateLayout",
+    "Buffer",
+    "BufferPool",
+    "Snapshot",
+    "state_variables",
+    "variables_signature",
+]
+
+_ALIGNMENT = 64  # Bytes; keeps every variable's copy cache-line aligned.
+
+
+class StateLevel(enum.IntEnum):
+    """How much of the model's state a hook needs to see.
+
+    Each level includes the ones below it.
+    """
+
+    NONE = 0
+    """Nothing: the hook reads only its `logs` (CSVLogger)."""
+    SCALARS = 1
+    """Optimizer scalars: iterations and learning rate (TensorBoard)."""
+    WEIGHTS = 2
+    """Model weights, trainable and not, plus the optimizer scalars."""
+    FULL = 3
+    """Weights and every optimizer variable (a `.keras` checkpoint)."""
+
+    @classmethod
+    def parse(cls, value: "str | StateLevel", argument: str) -> "StateLevel":
+        """Reads a level from its name, with an error naming `argument`."""
+        if isinstance(value, StateLevel):
+            return value
+        if isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        names = ", ".join(repr(level.name.lower()) for level in cls)
+        raise ValueError(
+            f"`{argument}` must be one of {names}. "
+            f"Received: {argument}={value!r}"
+        )
+
+
+def state_variables(model: Any, level: StateLevel) -> list[Any]:
+    """The variables of `model` that a snapshot at `level` copies.
+
+    The order is canonical, so a rebuilt copy of the model (the shadow)
+    lists its own variables in the same order.
+
+    Args:
+        model: A Keras model, or `None`.
+        level: The `StateLevel` wanted.
+
+    Returns:
+        A list of Keras variables.
+    """
+    if model is None or level == StateLevel.NONE:
+        return []
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_variables = list(optimizer.variables) if optimizer else []
+    if level == StateLevel.FULL:
+        return list(model.weights) + optimizer_variables
+    # Scalars: `iterations`, a float learning rate, loss-scale counters.
+    scalars = [v for v in optimizer_variables if len(v.shape) == 0]
+    if level == StateLevel.SCALARS:
+        return scalars
+    return list(model.weights) + scalars
+
+
+def _host_array(variable: Any) -> np.ndarray:
+    """A read-only host view of `variable`'s current value, without a copy.
+
+    On TensorFlow, reading a resource variable gives a tensor that aliases
+    the variable's buffer, and DLPack exposes it to NumPy without copying;
+    the one copy a snapshot pays is into its own buffer. Falls back to a
+    copying `.numpy()` where DLPack cannot (device memory, exotic dtypes).
+    """
+    value = variable.value
+    tensor = value.value() if hasattr(value, "value") else value
+    try:
+        return np.from_dlpack(tensor)
+    except (TypeError, ValueError, RuntimeError, BufferError):
+        return np.asarray(variable.numpy())
+
+
+@dataclass(frozen=True)
+class _Slot:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def variables_signature(variables: Sequence[Any]) -> tuple:
+    """Shapes and dtypes of `variables`: equal for a model and its shadow."""
+    return tuple(
+        (tuple(int(d) for d in v.shape), str(v.dtype)) for v in variables
+    )
+
+
+class StateLayout:
+    """Where each variable of a snapshot lives in a flat byte buffer.
+
+    Args:
+        level: The `StateLevel` laid out.
+        variables: The variables of that level, from `state_variables`.
+    """
+
+    def __init__(self, level: StateLevel, variables: Sequence[Any]):
+        self.level = level
+        self.variables = list(variables)
+        self.signature = variables_signature(self.variables)
+        slots = []
+        offset = 0
+        for variable in self.variables:
+            dtype = np.dtype(_host_array(variable).dtype)
+            slot = _Slot(offset, tuple(int(d) for d in variable.shape), dtype)
+            slots.append(slot)
+            offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
+        self.slots = tuple(slots)
+        self.nbytes = offset
+
+    def views(self, data: np.ndarray) -> list[np.ndarray]:
+        """Typed views of `data` (a uint8 buffer), one per variable."""
+        return [
+            data[slot.offset : slot.offset + slot.nbytes]
+            .view(slot.dtype)
+            .reshape(slot.shape)
+            for slot in self.slots
+        ]
+
+    def capture(self, data: np.ndarray) -> None:
+        """Copies the variables' current values into `data`."""
+        for variable, view in zip(self.variables, self.views(data)):
+            np.copyto(view, _host_array(variable), casting="no")
+
+
+class Buffer:
+    """A reusable flat byte buffer of the pool.
+
+    Attributes:
+        data: The bytes, as a uint8 NumPy array.
+        name: An identifier that a worker process can attach to (the shared
+            memory segment's name), or `None` for process-private memory.
+    """
+
+    def __init__(self, data: np.ndarray, name: str | None = None,
+                 release: Callable[[], None] | None = None):
+        self.data = data
+        self.name = name
+        self._release = release
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def free(self) -> None:
+        """Returns the memory to the system (end of run)."""
+        self.data = np.empty(0, np.uint8)
+        if self._release is not None:
+            self._release()
+
+
+def allocate_private(nbytes: int) -> Buffer:
+    """A process-private buffer, touched once so its pages are mapped."""
+    data = np.empty(max(nbytes, 1), np.uint8)
+    data.fill(0)  # Page in now, not during the first snapshot.
+    return Buffer(data)
+
+
+class BufferPool:
+    """At most `capacity` buffers, allocated on demand and reused.
+
+    Args:
+        capacity: The maximum number of buffers alive at once; it bounds the
+            memory that snapshots take.
+        allocate: Makes a buffer of the given size in bytes.
+    """
+
+    def __init__(self, capacity: int, allocate: Callable[[int], Buffer]):
+        self.capacity = capacity
+        self._allocate = allocate
+        self._free: list[Buffer] = []
+        self._count = 0
+        self._nbytes = 0
+        # Bumped on every release and interrupt, so a waiter never misses
+        # one that happened between its failed attempt and its wait.
+        self._generation = 0
+        self.high_water = 0  # The most buffers ever alive at once.
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocates one buffer ahead of need, off the hot path."""
+        with self._cond:
+            self._resize(nbytes)
+            if self._count == 0:
+                self._free.append(self._allocate(self._nbytes))
+                self._count = 1
+                self.high_water = max(self.high_water, 1)
+
+    def _resize(self, nbytes: int) -> None:
+        # Buffers have one size: the largest layout asked for. A layout
+        # that grows (an optimizer built after the first snapshot) retires
+        # the free buffers that became too small.
+        if nbytes > self._nbytes:
+            for buffer in self._free:
+                buffer.free()
+            self._count -= len(self._free)
+            self._free.clear()
+            self._nbytes = nbytes
+
+    def try_acquire(self, nbytes: int) -> tuple[Buffer | None, int]:
+        """A free buffer of at least `nbytes`, or `None` if all are in use.
+
+        Returns:
+            The buffer or `None`, and the generation to pass to `wait`.
+        """
+        with self._cond:
+            self._resize(nbytes)
+            while self._free:
+                buffer = self._free.pop()
+                if buffer.nbytes >= self._nbytes:
+                    return buffer, self._generation
+                buffer.free()  # Too small: retired by a resize.
+                self._count -= 1
+            if self._count < self.capacity:
+                self._count += 1
+                self.high_water = max(self.high_water, self._count)
+                try:
+                    return self._allocate(self._nbytes), self._generation
+                except BaseException:
+                    self._count -= 1
+                    raise
+            return None, self._generation
+
+    def wait(self, generation: int) -> None:
+        """Blocks until a release or `interrupt` after `generation`."""
+        with self._cond:
+            while self._generation == generation:
+                self._cond.wait()
+
+    def interrupt(self) -> None:
+        """Wakes the waiters of `wait`, so they can look for errors."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def release(self, buffer: Buffer) -> None:
+        with self._cond:
+            if not self._closed and buffer.nbytes >= self._nbytes:
+                self._free.append(buffer)
+            else:
+                buffer.free()
+                self._count -= 1
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Frees the free buffers; buffers still held are freed on release."""
+        with self._cond:
+            for buffer in self._free:
+                buffer.free()
+            self._count -= len(self._free)
+            self._free.clear()
+            self._closed = True
+
+    @property
+    def in_use(self) -> int:
+        """The number of buffers held by snapshots."""
+        with self._cond:
+            return self._count - len(self._free)
+
+    @property
+    def allocated(self) -> int:
+        """The number of buffers alive."""
+        with self._cond:
+            return self._count
+
+
+class Snapshot:
+    """Model state captured at dispatch, shared by the hooks that need it.
+
+    Args:
+        level: The `StateLevel` captured.
+        layout: The `StateLayout` of the captured variables.
+        buffer: The `Buffer` holding the bytes, or `None` when the layout
+            is empty.
+        pool: The pool `buffer` returns to when the last holder releases.
+        stop_training: The model's `stop_training` flag at dispatch.
+    """
+
+    def __init__(self, level: StateLevel, layout: StateLayout,
+                 buffer: Buffer | None, pool: BufferPool | None,
+                 stop_training: bool):
+        self.level = level
+        self.layout = layout
+        self.buffer = buffer
+        self.stop_training = stop_training
+        self._pool = pool
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    def arrays(self) -> list[np.ndarray]:
+        """The captured values, one array per variable (views, not copies)."""
+        if self.buffer is None:
+            return []
+        return self.layout.views(self.buffer.data)
+
+    def retain(self) -> "Snapshot":
+        with self._lock:
+            self._holders += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last and self.buffer is not None and self._pool is not None:
+            buffer, self.buffer = self.buffer, None
+            self._pool.release(buffer)

@@ -1,0 +1,180 @@
+"""Work items of an offloaded callback, and what runs them in a worker."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asynccb._hooks import call_hook, describe_call
+from asynccb._saving import save_atomically
+from asynccb._shadow import Shadow
+from asynccb._snapshot import Snapshot
+
+__all__ = ["Task", "TaskRunner", "ControlFromWorkerError"]
+
+
+class ControlFromWorkerError(RuntimeError):
+    """An offloaded callback tried to control training from its worker.
+
+    Raised (as the cause of `AsyncCallbackError`) when a hook running off
+    the training thread sets `model.stop_training` or changes the learning
+    rate on its shadow model and the callback was not wrapped with
+    `deferred_control=True`.
+    """
+
+
+@dataclass
+class Task:
+    """One unit of work for an offloaded callback, in dispatch order.
+
+    Attributes:
+        kind: `"hook"` (call a hook), `"save"` (save the shadow model),
+            `"set_model"` or `"set_params"`.
+        name: The hook or model method name.
+        args: Positional arguments: `(epoch,)`, `(batch,)`, `(filepath,)`.
+        logs: The hook's private copy of `logs`.
+        kwargs: Keyword arguments of a save.
+        snapshot: The model state the work sees, or `None`.
+        model: For `set_model` and saves: where the shadow comes from (the
+            live model, or a blueprint for process workers).
+    """
+
+    kind: str
+    name: str
+    args: tuple = ()
+    logs: Any = None
+    kwargs: dict = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+    model: Any = None
+
+    def describe(self) -> str:
+        if self.kind == "save":
+            return f"model.{self.name}({self.args[0]!r})"
+        if self.kind == "hook":
+            return describe_call(self.name, self.args)
+        return f"{self.name}()"
+
+
+def _learning_rate(model: Any) -> float | None:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return None
+    try:
+        return float(np.asarray(optimizer.learning_rate))
+    except (TypeError, ValueError, AttributeError):
+        return None  # A schedule: not something a callback sets.
+
+
+class TaskRunner:
+    """Runs tasks in a worker: against the callback and a shadow model.
+
+    Args:
+        callback: The wrapped callback for hook tasks, or `None` for a lane
+            that only saves.
+        deferred_control: Whether control effects (stop training, a new
+            learning rate) made on the shadow are returned for the training
+            thread to apply, instead of being an error.
+    """
+
+    def __init__(self, callback: Any, deferred_control: bool):
+        self.callback = callback
+        self.deferred_control = deferred_control
+        self.shadow = Shadow(None)
+        self._published: Any = None  # The shadow the callback was given.
+
+    def is_coroutine_hook(self, task: Task) -> bool:
+        return task.kind == "hook" and inspect.iscoroutinefunction(
+            getattr(self.callback, task.name)
+        )
+
+    def prepare(self, task: Task) -> Any:
+        """Builds or updates the shadow model the task will see.
+
+        Returns:
+            The control state (stop flag, learning rate) before the task,
+            to compare with after it.
+        """
+        if task.kind in ("set_model", "save"):
+            self.shadow.set_source(task.model)
+        if task.kind == "set_model":
+            self.shadow.get()  # Build now, ahead of the first snapshot.
+            return None
+        model = self.shadow.model
+        if task.snapshot is not None:
+            model = self.shadow.apply(task.snapshot)
+            if self._published is not None and model is not self._published:
+                # The shadow was rebuilt because the live model grew (built
+                # on its first step, in a hand-written loop): the callback
+                # follows it, as it would follow the live model.
+                if getattr(self.callback, "_model", None) is self._published:
+                    self.callback._model = model
+                self._published = model
+        if task.kind != "hook" or model is None:
+            return None
+        return (bool(getattr(model, "stop_training", False)),
+                _learning_rate(model))
+
+    def invoke(self, task: Task) -> Any:
+        """Runs the task's work; returns what the hook returned.
+
+        For a coroutine hook this returns the coroutine, to be awaited.
+        """
+        if task.kind == "set_model":
+            model = self.shadow.model
+            if self.callback is not None:
+                self.callback.set_model(model)
+                self._published = model
+            return None
+        if task.kind == "set_params":
+            if self.callback is not None:
+                self.callback.set_params(task.args[0])
+            return None
+        if task.kind == "save":
+            save_atomically(self.shadow.model, task.name, task.args, task.kwargs)
+            return None
+        return call_hook(self.callback, task.name, task.args, task.logs)
+
+    def effects(self, task: Task, before: Any) -> dict[str, Any]:
+        """The control effects the task made on the shadow.
+
+        Raises:
+            ControlFromWorkerError: If there are effects and the callback
+                was not wrapped with `deferred_control=True`.
+        """
+        if before is None:
+            return {}
+        model = self.shadow.model
+        stop_before, lr_before = before
+        effects: dict[str, Any] = {}
+        if bool(getattr(model, "stop_training", False)) and not stop_before:
+            effects["stop_training"] = True
+        lr_after = _learning_rate(model)
+        if lr_after is not None and lr_after != lr_before:
+            effects["learning_rate"] = lr_after
+        if effects and not self.deferred_control:
+            what = " and ".join(
+                "set model.stop_training" if key == "stop_training"
+                else "changed the learning rate" for key in effects
+            )
+            raise ControlFromWorkerError(
+                f"{type(self.callback).__name__}.{task.name} {what} from its "
+                "worker, on a shadow of the model, where it has no effect on "
+                "training. Keep this callback synchronous (do not wrap it), "
+                "or wrap it with AsyncCallback(..., deferred_control=True) to "
+                "have the effect applied to the live model at a later hook."
+            )
+        return effects
+
+    def run(self, task: Task) -> dict[str, Any]:
+        """Prepares, invokes and checks a synchronous task."""
+        before = self.prepare(task)
+        self.invoke(task)
+        return self.effects(task, before)
+
+    def close(self) -> None:
+        """Drops the shadow model (end of run): its memory is released."""
+        self.shadow.set_source(None)
+        self._published = None

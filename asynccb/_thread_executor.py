@@ -1,0 +1,46 @@
+"""The `thread` executor: one worker thread per offloaded callback."""
+
+from __future__ import annotations
+
+import threading
+
+from asynccb._channel import CLOSED
+from asynccb._lane import Lane
+
+__all__ = ["ThreadExecutor"]
+
+
+def _consume(lane: Lane) -> None:
+    while True:
+        task = lane.channel.get()
+        if task is CLOSED:
+            return
+        lane.run(task)
+
+
+class ThreadExecutor:
+    """Runs each lane's tasks, in order, on a thread of its own.
+
+    The threads are daemons so that a hook stuck forever cannot keep the
+    interpreter alive, but they are never left behind: `stop` joins them,
+    and the dispatcher calls it at the end of every run and at exit.
+    """
+
+    name = "thread"
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+
+    def start(self, lane: Lane) -> None:
+        thread = threading.Thread(
+            target=_consume, args=(lane,), name=f"asynccb-{lane.name}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Waits for the consumers, whose channels must be closed, to end."""
+        while self._threads:
+            self._threads[-1].join()
+            self._threads.pop()
