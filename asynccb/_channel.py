@@ -32,6 +32,7 @@ class Channel:
         self._unfinished = 0
         self._closed = False
         self._waker: Callable[[], None] | None = None
+        self._producer_blocked = False
         self._cond = threading.Condition()
 
     # Producer side (training thread).
@@ -61,7 +62,12 @@ class Channel:
                     if interrupted():
                         break
                     start = time.perf_counter()
-                    self._cond.wait()
+                    self._producer_blocked = True
+                    self._cond.notify_all()  # For `wait_producer_blocked`.
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._producer_blocked = False
                     blocked += time.perf_counter() - start
                 else:
                     dropped.append(self._remove_victim(policy))
@@ -129,6 +135,17 @@ class Channel:
         with self._cond:
             while self._unfinished > 0 and not interrupted():
                 self._cond.wait()
+
+    def wait_producer_blocked(self, timeout: float | None = None) -> bool:
+        """Waits until the producer is blocked on a full queue.
+
+        For observing backpressure (tests, monitoring) without polling.
+
+        Returns:
+            Whether it is blocked (`False` after `timeout` seconds).
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._producer_blocked, timeout)
 
     def interrupt(self) -> None:
         """Wakes the producer's waits so they can check `interrupted`."""

@@ -1,0 +1,141 @@
+"""Shared fixtures: small real Keras models, synthetic MNIST-shaped data,
+and a check that every test leaves no thread of asynccb behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two cores: keep TensorFlow from oversubscribing them with the workers.
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+EXECUTORS = ["thread", "async"]
+JOIN_TIMEOUT_S = 20  # Failure guard only: threads end on events, not time.
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fails a test that leaves a thread it started running.
+
+    A run that raised past Keras' hooks is closed by the run watch within a
+    fraction of a second; joining (with a generous guard) waits for that
+    without sleeping.
+    """
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before]
+    for thread in leaked:
+        thread.join(JOIN_TIMEOUT_S)
+    alive = [t.name for t in leaked if t.is_alive()]
+    assert not alive, f"threads left running: {alive}"
+
+
+def mnist_like(samples: int = 256, seed: int = 0):
+    """Synthetic data of MNIST's shapes: 784 features, 10 classes."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((samples, 784), dtype=np.float32)
+    y = rng.integers(0, 10, samples)
+    return x, y
+
+
+def regression_like(samples: int = 256, seed: int = 0):
+    """The guide's setup: 784 features, a scalar target in 0..9."""
+    x, y = mnist_like(samples, seed)
+    return x, y.astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="asynccb_tests")
+class Scale(keras.layers.Layer):
+    """A custom layer with its own weight and config."""
+
+    def __init__(self, factor: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            shape=(input_shape[-1],), initializer="ones", name="scale"
+        )
+
+    def call(self, inputs):
+        return inputs * self.scale * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+class Subclassed(keras.Model):
+    """A subclassed model with a custom layer, rebuilt from its config."""
+
+    def __init__(self, units: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="relu")
+        self.scale = Scale(0.5)
+        self.out = keras.layers.Dense(10)
+
+    def call(self, inputs):
+        return self.out(self.scale(self.hidden(inputs)))
+
+    def get_config(self):
+        return {"units": self.units, "name": self.name}
+
+
+def make_model(kind: str = "sequential", seed: int = 1, units: int = 16):
+    """A small compiled classifier on 784 features.
+
+    Args:
+        kind: `"sequential"`, `"functional"` or `"subclassed"`.
+        seed: Initial weights seed, so two runs start identical.
+        units: Hidden width.
+    """
+    keras.utils.set_random_seed(seed)
+    if kind == "sequential":
+        model = keras.Sequential([
+            keras.Input((784,)),
+            keras.layers.Dense(units, activation="relu"),
+            keras.layers.BatchNormalization(),
+            Scale(2.0),
+            keras.layers.Dense(10),
+        ])
+    elif kind == "functional":
+        inputs = keras.Input((784,))
+        hidden = keras.layers.Dense(units, activation="relu")(inputs)
+        outputs = keras.layers.Dense(10)(Scale(0.5)(hidden))
+        model = keras.Model(inputs, outputs)
+    elif kind == "subclassed":
+        model = Subclassed(units)
+        model(np.zeros((1, 784), np.float32))  # Builds every sublayer.
+    else:
+        raise ValueError(kind)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def guide_model():
+    """The guide's model: one Dense unit, RMSprop, MSE, MAE metric."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(learning_rate=0.1),
+        loss="mean_squared_error",
+        metrics=["mean_absolute_error"],
+    )
+    return model
+
+
+@pytest.fixture(params=EXECUTORS)
+def executor(request):
+    return request.param
