@@ -46,8 +46,10 @@ class Channel:
 
         Args:
             policy: One of `POLICIES`. `block` waits; `drop_oldest` removes
-                the oldest pending item; `latest` removes the oldest pending
-                item that holds a snapshot, or the oldest if none does.
+                the oldest droppable pending item; `latest` removes the
+                oldest droppable one that holds a snapshot, or the oldest
+                droppable one if none does. With nothing droppable pending,
+                every policy waits.
             interrupted: Checked while blocked; when it returns true the wait
                 ends early (a worker failed and the caller will raise).
 
@@ -58,7 +60,12 @@ class Channel:
         blocked = 0.0
         with self._cond:
             while len(self._items) >= self.capacity:
-                if policy == "block":
+                victim = None if policy == "block" else self._victim(policy)
+                if victim is not None:
+                    self._items.remove(victim)
+                    self._unfinished -= 1
+                    dropped.append(victim)
+                else:
                     if interrupted():
                         break
                     start = time.perf_counter()
@@ -69,30 +76,25 @@ class Channel:
                     finally:
                         self._producer_blocked = False
                     blocked += time.perf_counter() - start
-                else:
-                    dropped.append(self._remove_victim(policy))
         return blocked, dropped
 
-    def _remove_victim(self, policy: str) -> Any:
-        victim = None
+    def _victim(self, policy: str) -> Any:
+        droppable = [item for item in self._items
+                     if getattr(item, "droppable", True)]
         if policy == "latest":
-            victim = next(
-                (item for item in self._items
-                 if getattr(item, "snapshot", None) is not None),
-                None,
-            )
-        if victim is None:
-            victim = self._items[0]
-        self._items.remove(victim)
-        self._unfinished -= 1
-        self._cond.notify_all()
-        return victim
+            holding = [item for item in droppable
+                       if getattr(item, "snapshot", None) is not None]
+            droppable = holding or droppable
+        return droppable[0] if droppable else None
 
     def drop_oldest_holding_snapshot(self) -> Any:
-        """Removes and returns the oldest pending item with a snapshot."""
+        """Removes and returns the oldest droppable pending item that holds
+        a snapshot, or `None`."""
         with self._cond:
             for item in self._items:
-                if getattr(item, "snapshot", None) is not None:
+                if getattr(item, "droppable", True) and (
+                    getattr(item, "snapshot", None) is not None
+                ):
                     self._items.remove(item)
                     self._unfinished -= 1
                     self._cond.notify_all()

@@ -257,18 +257,23 @@ class Dispatcher:
     ) -> None:
         """Queues work for `lane`, with a snapshot if `level` asks for one.
 
+        Setup tasks (`set_model`, `set_params`) are not counted against the
+        queue bound: they come once per run, before any hook.
+
         Raises:
             AsyncCallbackError: If a lane failed.
         """
         if not self._running:
-            self.start()  # A loop that skipped `on_*_begin`.
+            self.start()  # Workers start as soon as the model is known.
         start = time.perf_counter()
-        blocked, dropped = lane.channel.make_room(
-            lane.policy, interrupted=lambda: lane.error is not None
-        )
-        lane.record_drops(dropped)
-        if lane.error is not None:
-            self.check()
+        blocked = 0.0
+        if kind in ("hook", "save"):
+            blocked, dropped = lane.channel.make_room(
+                lane.policy, interrupted=lambda: lane.error is not None
+            )
+            lane.record_drops(dropped)
+            if lane.error is not None:
+                self.check()
         task = Task(kind, name, args, copy_logs(logs), kwargs or {},
                     model=lane.live_model)
         snapshot_s = 0.0

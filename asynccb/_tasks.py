@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from asynccb._hooks import call_hook, describe_call
+from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
 from asynccb._saving import save_atomically
 from asynccb._shadow import Shadow
 from asynccb._snapshot import Snapshot
@@ -49,6 +49,15 @@ class Task:
     kwargs: dict = field(default_factory=dict)
     snapshot: Snapshot | None = None
     model: Any = None
+
+    @property
+    def droppable(self) -> bool:
+        """Whether a full-queue policy may drop it: saves and batch or
+        epoch hooks. Setup and `on_*_begin`/`on_*_end` always run: a
+        CSVLogger that never saw `on_train_begin` could not write at all."""
+        return self.kind == "save" or (
+            self.kind == "hook" and self.name in BATCH_HOOKS + EPOCH_HOOKS
+        )
 
     def describe(self) -> str:
         if self.kind == "save":
