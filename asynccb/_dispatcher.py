@@ -15,6 +15,7 @@ from asynccb._channel import release_all
 from asynccb._errors import AsyncCallbackError
 from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
+from asynccb._shadow import ModelBlueprint
 from asynccb._snapshot import (
     BufferPool,
     Snapshot,
@@ -61,6 +62,7 @@ class Dispatcher:
         self.snapshots = 0
         self.snapshot_bytes = 0
         self._layouts: dict[StateLevel, StateLayout] = {}
+        self._blueprint: ModelBlueprint | None = None
         self._shared: Snapshot | None = None
         self._depth = 0
         self._executors: dict[str, Any] = {}
@@ -84,6 +86,24 @@ class Dispatcher:
         if model is not self.model:
             self.model = model
             self._layouts.clear()
+            self._blueprint = None
+
+    def blueprint(self) -> ModelBlueprint | None:
+        """The live model's blueprint, retaken when its variables changed.
+
+        Taken on the training thread, so a model that cannot be rebuilt
+        fails when it is set, before training starts.
+
+        Raises:
+            ValueError: If the model cannot be serialized.
+        """
+        if self.model is None:
+            return None
+        if self._blueprint is None or not self._blueprint.is_current(
+            self.model
+        ):
+            self._blueprint = ModelBlueprint.of(self.model)
+        return self._blueprint
 
     # Run lifecycle.
 
@@ -167,17 +187,24 @@ class Dispatcher:
         if frame is not None:
             self._watch = _RunWatch(self, frame)
 
-    def abandon(self) -> None:
-        """Called when `fit` ended without its end hook: it raised."""
-        with self._lifecycle:
+    def abandon(self, watch: "_RunWatch") -> bool:
+        """Closes the run if `watch` confirms `fit` ended without its end
+        hook (it raised). Returns whether it did."""
+        if not self._lifecycle.acquire(blocking=False):
+            return False  # The training thread is starting or ending a run.
+        try:
             if not self._running:
-                return
+                return True
+            if watch.run_alive():
+                return False
             logger.warning(
-                "asynccb: the run ended without `on_*_end` (it raised); "
+                "asynccb: %s ended without `on_*_end` (it raised); "
                 "finishing the queued hooks of %s.",
-                ", ".join(lane.name for lane in self.lanes),
+                watch.where, ", ".join(lane.name for lane in self.lanes),
             )
             self.close()
+        finally:
+            self._lifecycle.release()
         for lane in self.lanes:
             failure = lane.take_error()
             if failure is not None:
@@ -186,6 +213,7 @@ class Dispatcher:
                     "asynccb: %s.%s failed after the run ended.",
                     lane.name, task, exc_info=exc,
                 )
+        return True
 
     # Errors and deferred control.
 
@@ -226,7 +254,7 @@ class Dispatcher:
             message += f" (cancelled, still queued: {', '.join(cancelled)})"
         raise AsyncCallbackError(
             message, callback_name=lane.name, hook=task,
-            pending=tuple(cancelled),
+            pending=tuple(cancelled), original=exc,
         ) from exc
 
     def _apply_effects(self, lane: Lane, effects: dict) -> None:
@@ -263,8 +291,6 @@ class Dispatcher:
         Raises:
             AsyncCallbackError: If a lane failed.
         """
-        if not self._running:
-            self.start()  # Workers start as soon as the model is known.
         start = time.perf_counter()
         blocked = 0.0
         if kind in ("hook", "save"):
@@ -274,12 +300,17 @@ class Dispatcher:
             lane.record_drops(dropped)
             if lane.error is not None:
                 self.check()
-        task = Task(kind, name, args, copy_logs(logs), kwargs or {},
-                    model=lane.live_model)
+        task = Task(kind, name, args, copy_logs(logs), kwargs or {})
         snapshot_s = 0.0
         if level > StateLevel.NONE and self.model is not None:
             task.snapshot, snapshot_s, waited = self._snapshot(level, lane)
             blocked += waited
+        if lane.uses_model and (
+            kind in ("set_model", "save") or task.snapshot is not None
+        ):
+            task.model = self.blueprint()
+        if not self._running:
+            self.start()  # Workers start as soon as the model is known.
         lane.channel.put(task)
         lane.dispatched += 1
         elapsed = time.perf_counter() - start
@@ -388,6 +419,7 @@ class _RunWatch:
     def __init__(self, dispatcher: Dispatcher, frame: Any):
         self._dispatcher = weakref.ref(dispatcher)
         self._frame = frame
+        self._where = frame.f_code.co_name
         self._thread_id = threading.get_ident()
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -395,7 +427,13 @@ class _RunWatch:
         )
         self._thread.start()
 
-    def _run_alive(self) -> bool:
+    @property
+    def where(self) -> str:
+        """The name of the watched function (`fit`, `evaluate`, ...)."""
+        return self._where
+
+    def run_alive(self) -> bool:
+        """Whether the watched frame is still on its thread's stack."""
         frame = sys._current_frames().get(self._thread_id)
         while frame is not None:
             if frame is self._frame:
@@ -405,11 +443,11 @@ class _RunWatch:
 
     def _watch(self) -> None:
         while not self._stopped.wait(_WATCH_PERIOD_S):
-            if not self._run_alive():
+            if self.run_alive():
+                continue
+            dispatcher = self._dispatcher()
+            if dispatcher is None or dispatcher.abandon(self):
                 self._frame = None
-                dispatcher = self._dispatcher()
-                if dispatcher is not None:
-                    dispatcher.abandon()
                 return
 
     def stop(self) -> None:

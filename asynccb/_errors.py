@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = ["AsyncCallbackError"]
 
+_base_cause = BaseException.__dict__["__cause__"]
+
 
 class AsyncCallbackError(RuntimeError):
     """Raised on the training thread when an offloaded callback hook failed.
@@ -11,9 +13,17 @@ class AsyncCallbackError(RuntimeError):
     The original exception, with the traceback of the worker that ran the
     hook, is this exception's `__cause__`.
 
+    Keras' `fit` re-raises exceptions `from None` to shorten tracebacks,
+    which would erase that link; this class keeps the original and answers
+    `__cause__` with it, so `err.__cause__`, pytest, IPython and the
+    `traceback` module show the worker's traceback. (Python 3.12 and older
+    print uncaught exceptions in C, which reads the erased link: there,
+    print `traceback.format_exception(err)`, or call
+    `keras.config.disable_traceback_filtering()`.)
+
     Attributes:
         callback_name: Name of the callback whose hook failed.
-        hook: Name of the hook (or model method) that failed.
+        hook: The hook (or model method) call that failed.
         pending: Descriptions of the hooks that were still queued for that
             callback and were cancelled because of the failure.
     """
@@ -25,8 +35,18 @@ class AsyncCallbackError(RuntimeError):
         callback_name: str = "",
         hook: str = "",
         pending: tuple[str, ...] = (),
+        original: BaseException | None = None,
     ) -> None:
         super().__init__(message)
         self.callback_name = callback_name
         self.hook = hook
         self.pending = pending
+        self._original = original
+
+    @property
+    def __cause__(self) -> BaseException | None:
+        return _base_cause.__get__(self) or self._original
+
+    @__cause__.setter
+    def __cause__(self, value: BaseException | None) -> None:
+        _base_cause.__set__(self, value)

@@ -15,6 +15,7 @@ __all__ = [
     "is_control",
     "is_known_slow",
     "offloads_saves",
+    "uses_model",
     "state_planner",
     "model_changing_hooks",
 ]
@@ -95,6 +96,15 @@ def offloads_saves(callback: Any) -> bool:
     file.
     """
     return isinstance(callback, _cb.ModelCheckpoint)
+
+
+def uses_model(callback: Any) -> bool:
+    """Whether an offloaded `callback` needs a shadow model at all.
+
+    Keras' CSVLogger and RemoteMonitor never read their model; their worker
+    gets `set_model(None)` and no shadow is built. Subclasses may read it.
+    """
+    return type(callback) not in (_cb.CSVLogger, _cb.RemoteMonitor)
 
 
 def _tensorboard_planner(callback: Any) -> Callable[[str, tuple], StateLevel]:

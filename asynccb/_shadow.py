@@ -69,6 +69,11 @@ def _custom_objects(model: Any) -> dict[str, Any]:
     return found
 
 
+def _variable_count(model: Any) -> int:
+    optimizer = getattr(model, "optimizer", None)
+    return len(model.weights) + (len(optimizer.variables) if optimizer else 0)
+
+
 def _unserializable_layer(model: Any) -> Any:
     """The first layer whose config cannot be taken, for error messages."""
     for layer in _sublayers(model):
@@ -95,6 +100,7 @@ class ModelBlueprint:
     config: dict
     custom_objects: dict[str, Any] = field(default_factory=dict)
     layer_names: list[str] = field(default_factory=list)
+    variable_count: int = 0
 
     @classmethod
     def of(cls, model: Any) -> "ModelBlueprint":
@@ -120,7 +126,13 @@ class ModelBlueprint:
             config=config,
             custom_objects=_custom_objects(model),
             layer_names=[layer.name for layer in _sublayers(model)],
+            variable_count=_variable_count(model),
         )
+
+    def is_current(self, model: Any) -> bool:
+        """Whether `model` still has the variables it had when taken (a
+        model built, or an optimizer created, later needs a new one)."""
+        return _variable_count(model) == self.variable_count
 
     def build(self) -> Any:
         """Rebuilds the model: built and compiled as the original was."""
@@ -138,55 +150,40 @@ class ModelBlueprint:
 
 
 class Shadow:
-    """A worker's shadow of the live model, rebuilt when its shape changes.
+    """A worker's shadow of the live model, rebuilt when its blueprint
+    changes (the live model was built or compiled after the last one)."""
 
-    Args:
-        source: Where the blueprint comes from: the live model itself (a
-            thread worker serializes it there, off the training thread), or
-            a `ModelBlueprint` (a process worker).
-    """
-
-    def __init__(self, source: Any):
-        self._source = source
+    def __init__(self) -> None:
         self.model: Any = None
+        self._blueprint: ModelBlueprint | None = None
         self._signatures: dict[int, tuple] = {}
 
-    def _blueprint(self) -> ModelBlueprint:
-        if isinstance(self._source, ModelBlueprint):
-            return self._source
-        return ModelBlueprint.of(self._source)
-
-    def set_source(self, source: Any) -> None:
-        """Points the shadow at a new model; rebuilt on next use."""
-        if source is not self._source:
-            self._source = source
+    def set_blueprint(self, blueprint: ModelBlueprint | None) -> None:
+        """Points the shadow at a new blueprint; rebuilt on next use."""
+        if blueprint is not self._blueprint:
+            self._blueprint = blueprint
             self.model = None
             self._signatures.clear()
 
     def get(self) -> Any:
-        """The shadow model, built on first use; `None` without a source."""
-        if self.model is None and self._source is not None:
-            self.model = self._blueprint().build()
+        """The shadow model, built on first use; `None` without a blueprint."""
+        if self.model is None and self._blueprint is not None:
+            self.model = self._blueprint.build()
             self._signatures.clear()
         return self.model
 
     def apply(self, snapshot: Snapshot) -> Any:
         """Copies `snapshot` into the shadow's variables.
 
-        Rebuilds the shadow first if its variables do not match the
-        snapshot's (a model or optimizer built after the shadow was made,
-        as in a hand-written loop that builds on the first step).
-
         Returns:
             The shadow model holding the snapshot.
+
+        Raises:
+            ValueError: If the rebuilt model's variables do not match.
         """
         model = self.get()
         variables = self._matching_variables(model, snapshot.layout)
         if variables is None:
-            self.model = None
-            model = self.get()
-            variables = self._matching_variables(model, snapshot.layout)
-            if variables is None:
                 raise ValueError(
                     f"asynccb rebuilt model {model.name!r} but its variables "
                     "do not match the live model's: "

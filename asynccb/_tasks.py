@@ -38,8 +38,8 @@ class Task:
         logs: The hook's private copy of `logs`.
         kwargs: Keyword arguments of a save.
         snapshot: The model state the work sees, or `None`.
-        model: For `set_model` and saves: where the shadow comes from (the
-            live model, or a blueprint for process workers).
+        model: The `ModelBlueprint` the shadow is built from, on tasks that
+            need a shadow (`None` for a callback that never uses its model).
     """
 
     kind: str
@@ -91,7 +91,7 @@ class TaskRunner:
     def __init__(self, callback: Any, deferred_control: bool):
         self.callback = callback
         self.deferred_control = deferred_control
-        self.shadow = Shadow(None)
+        self.shadow = Shadow()
         self._published: Any = None  # The shadow the callback was given.
 
     def is_coroutine_hook(self, task: Task) -> bool:
@@ -106,8 +106,8 @@ class TaskRunner:
             The control state (stop flag, learning rate) before the task,
             to compare with after it.
         """
-        if task.kind in ("set_model", "save"):
-            self.shadow.set_source(task.model)
+        if task.kind == "set_model" or task.model is not None:
+            self.shadow.set_blueprint(task.model)
         if task.kind == "set_model":
             self.shadow.get()  # Build now, ahead of the first snapshot.
             return None
@@ -185,5 +185,5 @@ class TaskRunner:
 
     def close(self) -> None:
         """Drops the shadow model (end of run): its memory is released."""
-        self.shadow.set_source(None)
+        self.shadow.set_blueprint(None)
         self._published = None

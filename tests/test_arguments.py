@@ -1,0 +1,137 @@
+"""Contract 2 and 11: bad input gets a clear error before training starts."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from asynccb import AsyncCallback, AsyncCallbackList
+
+
+def _csv(tmp_path):
+    return keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"executor": "gpu"}, "`executor` must be one of 'thread', 'async'. "
+                              "Received: executor='gpu'"),
+        ({"executor": None}, "Received: executor=None"),
+        ({"max_pending": 0}, "`max_pending` must be a positive integer. "
+                             "Received: max_pending=0"),
+        ({"max_pending": -3}, "Received: max_pending=-3"),
+        ({"max_pending": 2.5}, "Received: max_pending=2.5"),
+        ({"max_pending": True}, "Received: max_pending=True"),
+        ({"max_snapshots": 0}, "Received: max_snapshots=0"),
+        ({"on_full": "newest"}, "`on_full` must be one of 'block', "
+                                "'drop_oldest', 'latest'. "
+                                "Received: on_full='newest'"),
+        ({"state": "everything"}, "`state` must be one of 'none', "
+                                  "'scalars', 'weights', 'full'. "
+                                  "Received: state='everything'"),
+        ({"state": {"on_epoch_finish": "full"}},
+         "`state` maps unknown hook names ['on_epoch_finish']"),
+        ({"state": {"on_epoch_end": "most"}},
+         "Received: state['on_epoch_end']='most'"),
+    ],
+)
+def test_async_callback_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        AsyncCallback(_csv(tmp_path), **kwargs)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["callback", None, 42,
+                                   keras.layers.Dense(1)])
+def test_not_a_callback(value):
+    with pytest.raises(TypeError, match="must be a `keras.callbacks.Callback` "
+                                        "instance. Received: callback="):
+        AsyncCallback(value)
+    with pytest.raises(TypeError, match="Received: callbacks="):
+        AsyncCallbackList([value])
+
+
+def test_wrapping_twice(tmp_path):
+    with pytest.raises(ValueError, match="already an AsyncCallback"):
+        AsyncCallback(AsyncCallback(_csv(tmp_path)))
+
+
+@pytest.mark.parametrize("control", [
+    keras.callbacks.EarlyStopping(),
+    keras.callbacks.ReduceLROnPlateau(),
+    keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr),
+    keras.callbacks.TerminateOnNaN(),
+    keras.callbacks.History(),
+    keras.callbacks.ProgbarLogger(),
+    keras.callbacks.SwapEMAWeights(),
+])
+def test_control_callbacks_stay_synchronous(control):
+    name = type(control).__name__
+    with pytest.raises(ValueError) as caught:
+        AsyncCallback(control)
+    message = str(caught.value)
+    assert f"{name} controls training" in message
+    assert "deferred_control=True" in message
+    assert message.endswith(f"Received: callback={name}")
+
+
+def test_declared_control_callback():
+    class Steers(keras.callbacks.Callback):
+        asynccb_control = True
+
+    with pytest.raises(ValueError, match="Steers controls training"):
+        AsyncCallback(Steers())
+    # In a list it simply stays inline.
+    assert AsyncCallbackList([Steers()]).callbacks[0].__class__ is Steers
+    assert AsyncCallback(Steers(), deferred_control=True).executor == "thread"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"offload": "everything"}, "`offload` must be one of 'auto', "
+                                    "'explicit'. Received: offload="),
+        ({"executor": "fiber"}, "Received: executor='fiber'"),
+        ({"max_pending": 0}, "Received: max_pending=0"),
+        ({"on_full": "skip"}, "Received: on_full='skip'"),
+        ({"max_snapshots": -1}, "Received: max_snapshots=-1"),
+    ],
+)
+def test_callback_list_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        AsyncCallbackList([_csv(tmp_path)], **kwargs)
+    assert message in str(caught.value)
+
+
+def test_unrebuildable_model_fails_before_training(tmp_path):
+    class NoConfig(keras.layers.Layer):
+        def __init__(self, inner):  # Not serializable: a layer argument.
+            super().__init__()
+            self.inner = inner
+
+        def call(self, x):
+            return self.inner(x)
+
+    model = keras.Sequential([keras.Input((4,)), NoConfig(keras.layers.Dense(2))])
+    model.compile(optimizer="sgd", loss="mse")
+
+    class Reads(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.get_weights()
+
+    x = np.zeros((8, 4), "float32")
+    seen = []
+
+    class Counts(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(batch)
+
+    with pytest.raises(ValueError) as caught:
+        model.fit(x, x[:, :2], epochs=2, verbose=0,
+                  callbacks=[Counts(), AsyncCallback(Reads(), state="weights")])
+    assert seen == []  # Raised before the first step.
+    message = str(caught.value)
+    assert "layer 'no_config' (NoConfig)" in message
+    assert "does not implement `get_config()`" in message
