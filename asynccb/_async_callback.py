@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
 import keras
 
 from asynccb._dispatcher import Dispatcher
-from asynccb._hooks import call_hook
+from asynccb._hooks import call_hook, effective_hooks
 from asynccb._lane import Lane
 from asynccb._options import (
     EXECUTORS,
@@ -116,6 +117,17 @@ class AsyncCallback(keras.callbacks.Callback):
                 "worker anyway, with its effect applied to the live model at "
                 "a later hook, pass deferred_control=True. "
                 f"Received: callback={type(callback).__name__}"
+            )
+        coroutine_hooks = sorted(
+            hook for hook in effective_hooks(callback)
+            if inspect.iscoroutinefunction(getattr(callback, hook))
+        )
+        if coroutine_hooks and executor != "async":
+            raise ValueError(
+                f"{type(callback).__name__} has `async def` hooks "
+                f"({', '.join(coroutine_hooks)}), which only the async "
+                "executor awaits: pass executor='async'. "
+                f"Received: executor={executor!r}"
             )
         self.callback = callback
         self._lane = Lane(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 import weakref
@@ -34,6 +35,17 @@ except ImportError:  # pragma: no cover - older Keras 3
         return dict(logs or {})
 
 __all__ = ["AsyncCallbackList"]
+
+logger = logging.getLogger("asynccb")
+
+
+def _print_msg(message: str) -> None:
+    """Prints like Keras' progress output: to stdout, or to logging when
+    Keras' interactive logging is off."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        logger.info(message)
 
 # A synchronous hook slower than this share of its step (or epoch) gets a
 # one-time warning suggesting AsyncCallback; hooks under the floor never do,
@@ -284,7 +296,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         self._end("on_train_end", logs)
         verbose = (self.params or {}).get("verbose", 0)
         if verbose and verbose != 0 and self._dispatcher.lanes:
-            keras.utils.io_utils.print_msg(str(self.stats()))
+            _print_msg(str(self.stats()))
 
     def on_test_begin(self, logs=None):
         self._begin("on_test_begin", logs)

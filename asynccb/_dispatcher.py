@@ -80,7 +80,10 @@ class Dispatcher:
             lane.name = f"{base}#{number}"
             number += 1
         lane.on_failure = self._interrupt
-        self.lanes.append(lane)
+        with self._lifecycle:
+            self.lanes.append(lane)
+            if self._running:  # Appended to a list already at work.
+                self._start_lane(lane)
 
     def set_model(self, model: Any) -> None:
         if model is not self.model:
@@ -138,12 +141,15 @@ class Dispatcher:
                 return
             self._running = True
             for lane in self.lanes:
-                executor = self._executors.get(lane.executor)
-                if executor is None:
-                    executor = _EXECUTORS[lane.executor]()
-                    self._executors[lane.executor] = executor
-                executor.start(lane)
+                self._start_lane(lane)
             self._reserve()
+
+    def _start_lane(self, lane: Lane) -> None:
+        executor = self._executors.get(lane.executor)
+        if executor is None:
+            executor = self._executors[lane.executor] = _EXECUTORS[
+                lane.executor]()
+        executor.start(lane)
 
     def close(self, cancel: bool = False) -> None:
         """Finishes (or, with `cancel`, discards) queued hooks and stops.

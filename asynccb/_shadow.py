@@ -69,6 +69,16 @@ def _custom_objects(model: Any) -> dict[str, Any]:
     return found
 
 
+def _compile(model: Any, compile_config: dict, optimizer_built: bool) -> None:
+    if type(model).compile is not keras.Model.compile:
+        # A custom `compile` takes its own config (Keras' rule for loading).
+        model.compile_from_config(compile_config)
+        return
+    model.compile(**keras.saving.deserialize_keras_object(compile_config))
+    if optimizer_built and model.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 def _variable_count(model: Any) -> int:
     optimizer = getattr(model, "optimizer", None)
     return len(model.weights) + (len(optimizer.variables) if optimizer else 0)
@@ -101,6 +111,7 @@ class ModelBlueprint:
     custom_objects: dict[str, Any] = field(default_factory=dict)
     layer_names: list[str] = field(default_factory=list)
     variable_count: int = 0
+    optimizer_built: bool = False
 
     @classmethod
     def of(cls, model: Any) -> "ModelBlueprint":
@@ -127,6 +138,8 @@ class ModelBlueprint:
             custom_objects=_custom_objects(model),
             layer_names=[layer.name for layer in _sublayers(model)],
             variable_count=_variable_count(model),
+            optimizer_built=bool(getattr(model.optimizer, "built", False))
+            if getattr(model, "optimizer", None) is not None else False,
         )
 
     def is_current(self, model: Any) -> bool:
@@ -135,13 +148,19 @@ class ModelBlueprint:
         return _variable_count(model) == self.variable_count
 
     def build(self) -> Any:
-        """Rebuilds the model: built and compiled as the original was."""
+        """Rebuilds the model: built and compiled as the original was, with
+        its optimizer built only if the original's was (a saved file lists
+        the optimizer variables that exist)."""
+        config = dict(self.config)
+        compile_config = config.pop("compile_config", None)
         with keras.saving.CustomObjectScope(self.custom_objects):
             # The config is our own, taken from the user's live model, so
             # `Lambda` layers are as trusted as the user's code.
             model = keras.saving.deserialize_keras_object(
-                self.config, safe_mode=False
+                config, safe_mode=False
             )
+            if compile_config:  # `{}` for a model never compiled.
+                _compile(model, compile_config, self.optimizer_built)
         layers = _sublayers(model)
         if len(layers) == len(self.layer_names):
             for layer, name in zip(layers, self.layer_names):

@@ -33,7 +33,7 @@ def _recording_hook(hook):
     if hook in BATCH_HOOKS or hook in EPOCH_HOOKS:
         def method(self, index, logs=None):
             self.threads.add(threading.current_thread().name)
-            self.calls.append((hook, index, tuple(sorted(logs or {}))))
+            self.calls.append((hook, int(index), tuple(sorted(logs or {}))))
     else:
         def method(self, logs=None):
             self.threads.add(threading.current_thread().name)

@@ -1,0 +1,123 @@
+"""Contract 4 and 5: an offloaded hook sees the model as it was when the
+hook was called, through a snapshot shared by the callbacks of that hook."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_model, mnist_like
+
+from asynccb import AsyncCallback, AsyncCallbackList
+
+
+class SeesWeights(keras.callbacks.Callback):
+    """Records, per (epoch, batch), the weights its `self.model` holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = None
+        self.seen = {}
+        self.iterations = {}
+        self.models = set()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen[(self.epoch, batch)] = self.model.get_weights()
+        self.iterations[(self.epoch, batch)] = int(
+            self.model.optimizer.iterations.numpy())
+        self.models.add(id(self.model))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_each_hook_sees_its_own_step(executor, kind):
+    offloaded = SeesWeights()
+    live = SeesWeights()  # Inline: the truth.
+    x, y = mnist_like(128)
+    model = make_model(kind)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[
+        live, AsyncCallback(offloaded, executor=executor, state="weights"),
+    ])
+    assert sorted(offloaded.seen) == sorted(live.seen)
+    for key, weights in live.seen.items():
+        assert offloaded.iterations[key] == live.iterations[key]
+        for got, want in zip(offloaded.seen[key], weights):
+            np.testing.assert_array_equal(got, want)
+    assert id(model) not in offloaded.models  # A shadow, never the model.
+    assert offloaded.model is model  # And the live model back afterwards.
+
+
+class Reads(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.kernels = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.kernels[epoch] = self.model.get_weights()[0]
+
+
+def test_callbacks_of_one_hook_share_a_snapshot(executor):
+    first, second = Reads(), Reads()
+    model = make_model()
+    callbacks = AsyncCallbackList([
+        AsyncCallback(first, executor=executor, state="weights"),
+        AsyncCallback(second, executor=executor, state="weights"),
+    ], model=model, add_history=True)
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=callbacks)
+    stats = callbacks.stats()
+    assert stats.snapshots == 3  # One per epoch end, not one per callback.
+    for epoch in range(3):
+        np.testing.assert_array_equal(first.kernels[epoch],
+                                      second.kernels[epoch])
+
+
+def test_a_synchronous_change_between_them_takes_a_new_snapshot(executor):
+    class Zeroes(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            kernel = self.model.weights[0]
+            kernel.assign(np.zeros(kernel.shape, "float32"))
+
+    before, after = Reads(), Reads()
+    model = make_model()
+    callbacks = AsyncCallbackList([
+        AsyncCallback(before, executor=executor, state="weights"),
+        Zeroes(),
+        AsyncCallback(after, executor=executor, state="weights"),
+    ], model=model, add_history=True)
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+    assert callbacks.stats().snapshots == 4
+    for epoch in range(2):
+        assert np.any(before.kernels[epoch] != 0)
+        assert not np.any(after.kernels[epoch])
+
+
+def test_hooks_that_need_no_state_take_no_snapshot(tmp_path, executor):
+    model = make_model()
+    reads = Reads()
+    callbacks = AsyncCallbackList([
+        keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        AsyncCallback(reads, executor=executor, state={"on_epoch_end": "none"}),
+    ], model=model, add_history=True, executor=executor)
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+    stats = callbacks.stats()
+    assert stats.snapshots == 0 and stats.buffers == 0
+    assert set(stats.callbacks) == {"CSVLogger", "Reads"}
+
+
+def test_snapshot_buffers_are_reused(tmp_path, executor):
+    model = make_model()
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "{epoch:02d}-{batch:03d}.keras"), save_freq=1)
+    callbacks = AsyncCallbackList([checkpoint], model=model, add_history=True,
+                                  executor=executor, max_snapshots=2)
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+    stats = callbacks.stats()
+    assert stats.snapshots == 8
+    assert 1 <= stats.buffers <= 2
+    assert len(list(tmp_path.glob("*.keras"))) == 8
