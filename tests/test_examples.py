@@ -1,0 +1,82 @@
+"""Every example runs, and prints what the guide's version prints."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def example():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_custom_callback(example, capsys):
+    example("custom_callback").main()
+    out = capsys.readouterr().out.splitlines()
+    # The guide's printed order, hook by hook, for fit then evaluate/predict.
+    assert out[:3] == [
+        "Starting training; got log keys: []",
+        "Start epoch 0 of training; got log keys: []",
+        "...Training: start of batch 0; got log keys: []",
+    ]
+    assert "...Training: end of batch 3; got log keys: ['loss', " \
+           "'mean_absolute_error']" in out
+    assert ("End epoch 0 of training; got log keys: ['loss', "
+            "'mean_absolute_error', 'val_loss', "
+            "'val_mean_absolute_error']") in out
+    assert out[-1] == "Stop predicting; got log keys: []"
+    assert out.count("Start testing; got log keys: []") == 2
+
+
+def test_loss_and_error_printing(example, capsys):
+    example("loss_and_error_printing").main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Up to batch 0, the average loss is")
+    assert sum(line.startswith("The average loss for epoch") for line in out) == 2
+    assert len(out) == 8 + 1 + 8 + 1 + 8
+
+
+def test_control_stays_synchronous(example, capsys):
+    stopper, model = example("control_stays_synchronous").main(epochs=10)
+    out = capsys.readouterr().out
+    assert stopper.stopped_epoch > 0 and "early stopping" in out
+    assert "Epoch 3: Learning rate is 0.05." in out
+    assert "Epoch 6: Learning rate is 0.01." in out
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
+
+
+def test_gradient_tape_loop(example, capsys, tmp_path):
+    history, directory = example("gradient_tape_loop").main(
+        epochs=3, directory=str(tmp_path))
+    out = capsys.readouterr().out
+    assert len(history["loss"]) == 3
+    assert "Batch 1: Loss = " in out and "Epoch 2: Loss = " in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch01.weights.h5", "epoch02.weights.h5", "epoch03.weights.h5"]
+
+
+def test_prediction_sanity_check(example, capsys):
+    check = example("prediction_sanity_check").main(epochs=3, samples=512)
+    assert [epoch for epoch, _ in check.reports] == [0, 1, 2]
+    assert check.reports[0][1] == 0
+    assert "Epoch 2:" in capsys.readouterr().out
+
+
+def test_heavy_checkpointing(example, capsys, tmp_path):
+    same, stats = example("heavy_checkpointing").main(
+        ["--epochs", "2", "--steps", "10", "--width", "64",
+         "--directory", str(tmp_path)])
+    assert same
+    assert stats.callbacks["ModelCheckpoint"].worker_time["save"].count == 4
+    assert "every checkpoint equal to plain Keras' and loadable: True" in (
+        capsys.readouterr().out)
