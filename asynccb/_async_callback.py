@@ -178,7 +178,9 @@ class AsyncCallback(keras.callbacks.Callback):
         if self._owns_dispatcher:
             self._dispatcher.set_model(model)
         if lane.saves_only:
-            self.callback.set_model(OffloadedSavesModel(model, self._submit_save))
+            lane.offloaded_model = OffloadedSavesModel(model, self._submit_save)
+            self.callback.set_model(lane.offloaded_model)
+        lane.attached = True
         self._dispatcher.submit(lane, "set_model", "set_model")
 
     def set_params(self, params: Any) -> None:

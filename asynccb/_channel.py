@@ -114,6 +114,11 @@ class Channel:
         if waker is not None:
             waker()
 
+    def open(self) -> None:
+        """Accepts puts again, for a new consumer (the next run)."""
+        with self._cond:
+            self._closed = False
+
     def close(self) -> None:
         """No more puts: the consumer gets `CLOSED` after the last item."""
         with self._cond:

@@ -116,6 +116,10 @@ class Dispatcher:
             self._depth += 1
             if self._depth == 1:
                 self.start()
+                for lane in self.lanes:
+                    if not lane.attached and lane.live_model is not None:
+                        self._attach(lane)
+                self._reserve()
                 self._watch_run()
 
     def end(self) -> None:
@@ -142,9 +146,19 @@ class Dispatcher:
             self._running = True
             for lane in self.lanes:
                 self._start_lane(lane)
-            self._reserve()
+
+    def _attach(self, lane: Lane) -> None:
+        # A list reused for another run: Keras does not call `set_model`
+        # again, but the callbacks got their live model back at the end of
+        # the last run; give them their offloaded model again, silently.
+        lane.attached = True
+        if lane.saves_only:
+            lane.callback._model = lane.offloaded_model
+        else:
+            self.submit(lane, "attach", "attach")
 
     def _start_lane(self, lane: Lane) -> None:
+        lane.channel.open()
         executor = self._executors.get(lane.executor)
         if executor is None:
             executor = self._executors[lane.executor] = _EXECUTORS[
@@ -299,7 +313,7 @@ class Dispatcher:
         """
         start = time.perf_counter()
         blocked = 0.0
-        if kind in ("hook", "save"):
+        if kind in ("hook", "save"):  # Setup is not bounded: see above.
             blocked, dropped = lane.channel.make_room(
                 lane.policy, interrupted=lambda: lane.error is not None
             )
@@ -312,7 +326,8 @@ class Dispatcher:
             task.snapshot, snapshot_s, waited = self._snapshot(level, lane)
             blocked += waited
         if lane.uses_model and (
-            kind in ("set_model", "save") or task.snapshot is not None
+            kind in ("set_model", "attach", "save")
+            or task.snapshot is not None
         ):
             task.model = self.blueprint()
         if not self._running:
@@ -382,11 +397,15 @@ class Dispatcher:
             shared.release()
 
     def _reserve(self) -> None:
-        # Allocate (and page in) the first buffer for checkpoints now, at
-        # the start of the run, rather than in the first checkpoint's step.
+        # Allocate (and page in) the first buffer for checkpoints at the
+        # start of the run rather than in the first checkpoint's step; but
+        # only once the state's size is known (TensorFlow builds the
+        # optimizer in the first step of the first `fit`).
         if not any(lane.saves_only for lane in self.lanes):
             return
-        if self.model is not None and getattr(self.model, "built", False):
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if getattr(model, "built", False) and getattr(optimizer, "built", True):
             nbytes = self._layout(StateLevel.FULL).nbytes
             if nbytes:
                 self.pool.reserve(nbytes)

@@ -65,6 +65,10 @@ class Lane:
             None if self.saves_only else callback, deferred_control
         )
         self.live_model: Any = None
+        # What the callback's `model` is while offloaded (for saves-only
+        # callbacks, a stand-in that offloads saves); whether it has it.
+        self.offloaded_model: Any = None
+        self.attached = False
         self.on_failure: Callable[[], None] = lambda: None
         self.effects: collections.deque = collections.deque()
         self.error: BaseException | None = None
@@ -125,6 +129,7 @@ class Lane:
         """
         if self.live_model is not None:
             self.callback._model = self.live_model
+        self.attached = False
         self.runner.close()
 
     def stats(self) -> CallbackStats:

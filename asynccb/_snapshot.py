@@ -207,7 +207,7 @@ class BufferPool:
         # one that happened between its failed attempt and its wait.
         self._generation = 0
         self.high_water = 0  # The most buffers ever alive at once.
-        self._closed = False
+        self.allocations = 0  # Buffers allocated over the pool's life.
         self._cond = threading.Condition()
 
     def reserve(self, nbytes: int) -> None:
@@ -216,6 +216,7 @@ class BufferPool:
             self._resize(nbytes)
             if self._count == 0:
                 self._free.append(self._allocate(self._nbytes))
+                self.allocations += 1
                 self._count = 1
                 self.high_water = max(self.high_water, 1)
 
@@ -248,10 +249,12 @@ class BufferPool:
                 self._count += 1
                 self.high_water = max(self.high_water, self._count)
                 try:
-                    return self._allocate(self._nbytes), self._generation
+                    buffer = self._allocate(self._nbytes)
                 except BaseException:
                     self._count -= 1
                     raise
+                self.allocations += 1
+                return buffer, self._generation
             return None, self._generation
 
     def wait(self, generation: int) -> None:
@@ -268,7 +271,7 @@ class BufferPool:
 
     def release(self, buffer: Buffer) -> None:
         with self._cond:
-            if not self._closed and buffer.nbytes >= self._nbytes:
+            if buffer.nbytes >= self._nbytes:
                 self._free.append(buffer)
             else:
                 buffer.free()
@@ -277,13 +280,17 @@ class BufferPool:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Frees the free buffers; buffers still held are freed on release."""
+        """Frees every buffer (end of run, when none is held any more).
+
+        The pool stays usable: the next run allocates afresh, for what may
+        be another model.
+        """
         with self._cond:
             for buffer in self._free:
                 buffer.free()
             self._count -= len(self._free)
             self._free.clear()
-            self._closed = True
+            self._nbytes = 0
 
     @property
     def in_use(self) -> int:

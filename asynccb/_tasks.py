@@ -15,6 +15,8 @@ from asynccb._snapshot import Snapshot
 
 __all__ = ["Task", "TaskRunner", "ControlFromWorkerError"]
 
+_SETUP = ("set_model", "attach")  # Tasks that give the callback its shadow.
+
 
 class ControlFromWorkerError(RuntimeError):
     """An offloaded callback tried to control training from its worker.
@@ -32,7 +34,9 @@ class Task:
 
     Attributes:
         kind: `"hook"` (call a hook), `"save"` (save the shadow model),
-            `"set_model"` or `"set_params"`.
+            `"set_model"`, `"attach"` (give the callback a shadow without
+            calling its `set_model`: a list reused for another run, which
+            Keras does not set again) or `"set_params"`.
         name: The hook or model method name.
         args: Positional arguments: `(epoch,)`, `(batch,)`, `(filepath,)`.
         logs: The hook's private copy of `logs`.
@@ -106,9 +110,9 @@ class TaskRunner:
             The control state (stop flag, learning rate) before the task,
             to compare with after it.
         """
-        if task.kind == "set_model" or task.model is not None:
+        if task.kind in _SETUP or task.model is not None:
             self.shadow.set_blueprint(task.model)
-        if task.kind == "set_model":
+        if task.kind in _SETUP:
             self.shadow.get()  # Build now, ahead of the first snapshot.
             return None
         model = self.shadow.model
@@ -131,10 +135,13 @@ class TaskRunner:
 
         For a coroutine hook this returns the coroutine, to be awaited.
         """
-        if task.kind == "set_model":
+        if task.kind in _SETUP:
             model = self.shadow.model
             if self.callback is not None:
-                self.callback.set_model(model)
+                if task.kind == "set_model":
+                    self.callback.set_model(model)
+                else:
+                    self.callback._model = model
                 self._published = model
             return None
         if task.kind == "set_params":

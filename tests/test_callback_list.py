@@ -220,3 +220,31 @@ def test_deferred_learning_rate_change(executor):
     model.fit(x, y, epochs=6, batch_size=32, verbose=0, callbacks=[
         AsyncCallback(reducer, executor=executor, deferred_control=True)])
     assert float(model.optimizer.learning_rate) < 1e-3
+
+
+def test_list_reused_for_a_second_run(executor, tmp_path):
+    """Keras does not set the model of a list passed to `fit` again; the
+    offloaded callbacks still get a shadow (and saves their stand-in)."""
+
+    class ModelIds(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ids = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.ids.append(id(self.model))
+
+    model = make_model()
+    seen = ModelIds()
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "{epoch}.keras"))
+    callbacks = AsyncCallbackList(
+        [AsyncCallback(seen, executor=executor, state="weights"), checkpoint],
+        model=model, add_history=True, executor=executor)
+    x, y = mnist_like(64)
+    for _ in range(2):
+        model.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                  callbacks=callbacks)
+        assert seen.model is model and checkpoint.model is model
+    assert len(seen.ids) == 4 and id(model) not in seen.ids
+    saves = callbacks.stats().callbacks["ModelCheckpoint"].worker_time["save"]
+    assert saves.count == 4  # Both runs' saves ran in the worker.

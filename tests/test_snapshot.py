@@ -121,3 +121,8 @@ def test_snapshot_buffers_are_reused(tmp_path, executor):
     assert stats.snapshots == 8
     assert 1 <= stats.buffers <= 2
     assert len(list(tmp_path.glob("*.keras"))) == 8
+    pool = callbacks._dispatcher.pool
+    assert pool.allocations <= 2  # Reused, not allocated per snapshot.
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+    assert callbacks.stats().snapshots == 16
+    assert pool.allocations <= 4  # Freed at the end of a run, then reused.
