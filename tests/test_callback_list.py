@@ -3,7 +3,10 @@ fit, in hand-written loops, with auto-offloading, stats and warnings."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -65,21 +68,14 @@ def test_callbacklist_loop_matches_keras(tmp_path, executor):
     assert offloaded == ["CSVLogger", "ModelCheckpoint"]  # Auto, in order.
 
 
-# The guide's GradientTape loop (seed 003), with its logging callback.
-class CustomLoggingCallback(keras.callbacks.Callback):
-    def on_batch_end(self, batch, logs=None):
-        if logs is None:
-            return
-        print(f"Batch {batch}: Loss = {logs.get('loss'):.4f}", end=" ")
-        for metric_name in logs:
-            if metric_name != "loss":
-                print(f"{metric_name} = {logs.get(metric_name):.4f}", end=" ")
-        print()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        print(f"Epoch {epoch}: Loss = {logs.get('loss'):.4f}")
+def _logging_callback():
+    """The guide's logging callback (seed 003), from the example."""
+    examples = str(Path(__file__).resolve().parent.parent / "examples")
+    sys.path.insert(0, examples)
+    try:
+        return importlib.import_module("gradient_tape_loop").CustomLoggingCallback()
+    finally:
+        sys.path.remove(examples)
 
 
 def _gradient_tape_loop(callbacks_for, tmp_path, name):
@@ -94,7 +90,7 @@ def _gradient_tape_loop(callbacks_for, tmp_path, name):
     checkpoint = keras.callbacks.ModelCheckpoint(
         str(out / "{epoch}.weights.h5"), save_weights_only=True,
         monitor="loss")
-    callbacks = callbacks_for([CustomLoggingCallback(), checkpoint], model)
+    callbacks = callbacks_for([_logging_callback(), checkpoint], model)
     callbacks.on_train_begin()
     for epoch in range(3):
         callbacks.on_epoch_begin(epoch)
