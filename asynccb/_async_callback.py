@@ -18,6 +18,7 @@ from asynccb._options import (
     check_policy,
     check_positive_int,
 )
+from asynccb._process_runner import pickle_callback
 from asynccb._roles import StateSpec, is_control
 from asynccb._saving import OffloadedSavesModel
 from asynccb._snapshot import StateLevel
@@ -51,7 +52,10 @@ class AsyncCallback(keras.callbacks.Callback):
 
     Args:
         callback: The `keras.callbacks.Callback` to run off the thread.
-        executor: `"thread"` (a worker thread for this callback) or
+        executor: `"thread"` (a worker thread for this callback),
+            `"process"` (a worker process: the callback is pickled once per
+            run, the model rebuilt there, snapshots passed through shared
+            memory; it stops competing with training for the GIL), or
             `"async"` (a task in an anyio event loop; `async def` hooks are
             awaited there, plain ones run in anyio's worker threads).
         max_pending: The most hooks that may wait in its queue.
@@ -138,6 +142,8 @@ class AsyncCallback(keras.callbacks.Callback):
             state=state,
             deferred_control=deferred_control,
         )
+        if executor == "process" and not self._lane.saves_only:
+            pickle_callback(callback)  # Fails now if it cannot travel.
         self._dispatcher = Dispatcher(max_snapshots)
         self._dispatcher.add_lane(self._lane)
         self._owns_dispatcher = True
@@ -180,6 +186,8 @@ class AsyncCallback(keras.callbacks.Callback):
         if lane.saves_only:
             lane.offloaded_model = OffloadedSavesModel(model, self._submit_save)
             self.callback.set_model(lane.offloaded_model)
+        else:
+            lane.runner.prepare_callback()  # Before training: may raise.
         lane.attached = True
         self._dispatcher.submit(lane, "set_model", "set_model")
 

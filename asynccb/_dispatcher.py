@@ -12,7 +12,7 @@ from typing import Any
 
 from asynccb._async_executor import AsyncExecutor
 from asynccb._channel import release_all
-from asynccb._errors import AsyncCallbackError
+from asynccb._errors import AsyncCallbackError, WorkerDiedError
 from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
 from asynccb._shadow import ModelBlueprint
@@ -26,13 +26,19 @@ from asynccb._snapshot import (
 )
 from asynccb._stats import CallbackStats
 from asynccb._tasks import Task
+from asynccb._process_executor import ProcessExecutor
+from asynccb._shared_memory import allocate_shared
 from asynccb._thread_executor import ThreadExecutor
 
 __all__ = ["Dispatcher"]
 
 logger = logging.getLogger("asynccb")
 
-_EXECUTORS = {"thread": ThreadExecutor, "async": AsyncExecutor}
+_EXECUTORS = {
+    "thread": ThreadExecutor,
+    "process": ProcessExecutor,
+    "async": AsyncExecutor,
+}
 
 # How often the run watch looks whether `fit` is still on the stack. It only
 # matters when `fit` raised past our hooks: then it bounds how long the
@@ -115,10 +121,10 @@ class Dispatcher:
         with self._lifecycle:
             self._depth += 1
             if self._depth == 1:
-                self.start()
                 for lane in self.lanes:
                     if not lane.attached and lane.live_model is not None:
                         self._attach(lane)
+                self.start()
                 self._reserve()
                 self._watch_run()
 
@@ -144,6 +150,10 @@ class Dispatcher:
             if self._running:
                 return
             self._running = True
+            # Worker processes read snapshots in place: shared memory.
+            self.pool.allocate = allocate_shared if any(
+                lane.executor == "process" for lane in self.lanes
+            ) else allocate_private
             for lane in self.lanes:
                 self._start_lane(lane)
 
@@ -155,10 +165,12 @@ class Dispatcher:
         if lane.saves_only:
             lane.callback._model = lane.offloaded_model
         else:
+            lane.runner.prepare_callback()
             self.submit(lane, "attach", "attach")
 
     def _start_lane(self, lane: Lane) -> None:
         lane.channel.open()
+        lane.runner.capacity = self.pool.capacity + 1
         executor = self._executors.get(lane.executor)
         if executor is None:
             executor = self._executors[lane.executor] = _EXECUTORS[
@@ -265,13 +277,17 @@ class Dispatcher:
         for other, (other_exc, other_task, _) in others:
             logger.error("asynccb: %s.%s also failed.", other.name,
                          other_task, exc_info=other_exc)
-        where = "thread" if lane.executor == "thread" else lane.executor
+        queued = (f" (cancelled, still queued: {', '.join(cancelled)})"
+                  if cancelled else "")
+        if isinstance(exc, WorkerDiedError):
+            raise WorkerDiedError(
+                f"{lane.name}: {exc}{queued}", exitcode=exc.exitcode,
+                callback_name=lane.name, hook=task, pending=tuple(cancelled),
+            ) from None
         message = (
-            f"{lane.name}.{task} failed in its {where} worker: "
-            f"{type(exc).__name__}: {exc}"
+            f"{lane.name}.{task} failed in its {lane.executor} worker: "
+            f"{type(exc).__name__}: {exc}{queued}"
         )
-        if cancelled:
-            message += f" (cancelled, still queued: {', '.join(cancelled)})"
         raise AsyncCallbackError(
             message, callback_name=lane.name, hook=task,
             pending=tuple(cancelled), original=exc,
@@ -353,7 +369,7 @@ class Dispatcher:
         start = time.perf_counter()
         if buffer is not None:
             layout.capture(buffer.data)
-        snapshot = Snapshot(level, layout, buffer, self.pool,
+        snapshot = Snapshot(level, layout.spec, buffer, self.pool,
                             bool(getattr(self.model, "stop_training", False)))
         took = time.perf_counter() - start
         self.snapshots += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AsyncCallbackError"]
+__all__ = ["AsyncCallbackError", "WorkerDiedError", "RemoteTraceback"]
 
 _base_cause = BaseException.__dict__["__cause__"]
 
@@ -50,3 +50,46 @@ class AsyncCallbackError(RuntimeError):
     @__cause__.setter
     def __cause__(self, value: BaseException | None) -> None:
         _base_cause.__set__(self, value)
+
+
+class WorkerDiedError(AsyncCallbackError):
+    """Raised on the training thread when a worker process died.
+
+    Killed (SIGKILL, the out-of-memory killer), crashed (a segfault), or
+    exited: its death is noticed through its process sentinel, at once.
+
+    Attributes:
+        exitcode: The worker's exit code; negative for a signal, as in
+            `multiprocessing.Process.exitcode`.
+        signal: The name of the signal that killed it, or `None`.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None,
+                 **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.exitcode = exitcode
+        self.signal = _signal_name(exitcode)
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised in a worker process,
+    attached as that exception's `__cause__` (as `concurrent.futures`
+    does), since tracebacks do not cross processes."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    import signal
+
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"

@@ -61,9 +61,15 @@ class Lane:
             else state_planner(callback, state)
         )
         self.channel = Channel(max_pending)
-        self.runner = TaskRunner(
-            None if self.saves_only else callback, deferred_control
-        )
+        # In the worker, a callback whose saves only are offloaded is not
+        # there at all: only its shadow model is.
+        remote_callback = None if self.saves_only else callback
+        if executor == "process":
+            from asynccb._process_runner import ProcessRunner
+
+            self.runner = ProcessRunner(remote_callback, deferred_control)
+        else:
+            self.runner = TaskRunner(remote_callback, deferred_control)
         self.live_model: Any = None
         # What the callback's `model` is while offloaded (for saves-only
         # callbacks, a stand-in that offloads saves); whether it has it.
@@ -150,9 +156,13 @@ class Lane:
 
     # Worker side.
 
-    def _fail(self, task: Task, exc: BaseException) -> None:
-        self.failed_task = task.describe()
-        self.error = exc
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Records a failure of the worker while doing `what`; the pending
+        tasks are cancelled and the training thread is woken to raise.
+        The first failure is the one reported."""
+        if self.error is None:
+            self.failed_task = what
+            self.error = exc
         self.cancel_pending()
         self.on_failure()
 
@@ -178,7 +188,7 @@ class Lane:
             try:
                 effects = self.runner.run(task)
             except BaseException as exc:  # Raised on the training thread.
-                self._fail(task, exc)
+                self.fail(task.describe(), exc)
             else:
                 self._finish(task, start, effects)
         finally:
@@ -202,7 +212,7 @@ class Lane:
                     await anyio.to_thread.run_sync(self.runner.invoke, task)
                 effects = self.runner.effects(task, before)
             except Exception as exc:  # Cancellation must propagate.
-                self._fail(task, exc)
+                self.fail(task.describe(), exc)
             else:
                 self._finish(task, start, effects)
         finally:

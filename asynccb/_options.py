@@ -10,7 +10,7 @@ from asynccb._channel import POLICIES
 
 __all__ = ["EXECUTORS", "check_callback", "check_choice", "check_positive_int"]
 
-EXECUTORS = ("thread", "async")
+EXECUTORS = ("thread", "process", "async")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import uuid
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_path", "save_atomically", "OffloadedSavesModel"]
+__all__ = [
+    "atomic_path",
+    "save_atomically",
+    "remove_in_progress",
+    "remove_temporaries",
+    "OffloadedSavesModel",
+]
+
+# Temporary files being written by this process, for a worker that must
+# exit at once (its training process died) to remove on its way out.
+_in_progress: set[str] = set()
 
 # Keras picks the file format from the name's ending, so a temporary name
 # must keep it.
@@ -22,12 +33,36 @@ def _split_suffix(basename: str) -> tuple[str, str]:
     return stem, ext
 
 
-def temporary_name(path: str) -> str:
-    """A hidden name beside `path`, unique, with the same file ending."""
+def temporary_name(path: str, pid: int | None = None, token: str = "") -> str:
+    """A hidden name beside `path`, with the same file ending, naming the
+    writing process (`pid`) and unique within it (`token`)."""
     directory, basename = os.path.split(path)
     stem, suffix = _split_suffix(basename)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return os.path.join(directory, f".{stem}.asynccb-tmp-{token}{suffix}")
+    token = token or uuid.uuid4().hex[:8]
+    return os.path.join(
+        directory, f".{stem}.asynccb-tmp-{pid or os.getpid()}-{token}{suffix}"
+    )
+
+
+def remove_temporaries(path: str, pid: int) -> list[str]:
+    """Removes the temporary files that process `pid` left for `path` (it
+    died mid-save). Returns the paths removed."""
+    pattern = temporary_name(os.fspath(path), pid, token="*")
+    removed = []
+    for leftover in glob.glob(glob.escape(pattern).replace(
+            glob.escape("*"), "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
+            removed.append(leftover)
+    return removed
+
+
+def remove_in_progress() -> None:
+    """Removes the temporary files this process is writing (it is about
+    to exit without finishing them)."""
+    for tmp in list(_in_progress):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -57,6 +92,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield path
         return
     tmp = temporary_name(path)
+    _in_progress.add(tmp)
     try:
         yield tmp
         _fsync_path(tmp)
@@ -65,6 +101,8 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    finally:
+        _in_progress.discard(tmp)
     _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
 
 

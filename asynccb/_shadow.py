@@ -16,8 +16,8 @@ from typing import Any
 import keras
 
 from asynccb._snapshot import (
+    LayoutSpec,
     Snapshot,
-    StateLayout,
     state_variables,
     variables_signature,
 )
@@ -215,7 +215,7 @@ class Shadow:
         model.stop_training = snapshot.stop_training
         return model
 
-    def _matching_variables(self, model: Any, layout: StateLayout):
+    def _matching_variables(self, model: Any, layout: LayoutSpec):
         """The shadow's variables for `layout`, or `None` on a mismatch."""
         variables = state_variables(model, layout.level)
         signature = self._signatures.get(layout.level)

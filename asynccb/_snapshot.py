@@ -19,6 +19,7 @@ import numpy as np
 __all__ = [
     "StateLevel",
     "StateLayout",
+    "LayoutSpec",
     "Buffer",
     "BufferPool",
     "Snapshot",
@@ -118,27 +119,24 @@ def variables_signature(variables: Sequence[Any]) -> tuple:
     )
 
 
-class StateLayout:
+@dataclass(frozen=True)
+class LayoutSpec:
     """Where each variable of a snapshot lives in a flat byte buffer.
 
-    Args:
+    Plain data: it travels to a worker process with the snapshots it
+    describes, once per layout.
+
+    Attributes:
         level: The `StateLevel` laid out.
-        variables: The variables of that level, from `state_variables`.
+        slots: Offset, shape and dtype of each variable, in canonical order.
+        signature: Shapes and dtypes, to check a shadow model against.
+        nbytes: The buffer size needed.
     """
 
-    def __init__(self, level: StateLevel, variables: Sequence[Any]):
-        self.level = level
-        self.variables = list(variables)
-        self.signature = variables_signature(self.variables)
-        slots = []
-        offset = 0
-        for variable in self.variables:
-            dtype = np.dtype(_host_array(variable).dtype)
-            slot = _Slot(offset, tuple(int(d) for d in variable.shape), dtype)
-            slots.append(slot)
-            offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
-        self.slots = tuple(slots)
-        self.nbytes = offset
+    level: StateLevel
+    slots: tuple[_Slot, ...]
+    signature: tuple
+    nbytes: int
 
     def views(self, data: np.ndarray) -> list[np.ndarray]:
         """Typed views of `data` (a uint8 buffer), one per variable."""
@@ -149,9 +147,39 @@ class StateLayout:
             for slot in self.slots
         ]
 
+
+class StateLayout:
+    """The layout of some live variables, and how to capture them.
+
+    Args:
+        level: The `StateLevel` laid out.
+        variables: The variables of that level, from `state_variables`.
+    """
+
+    def __init__(self, level: StateLevel, variables: Sequence[Any]):
+        self.variables = list(variables)
+        slots = []
+        offset = 0
+        for variable in self.variables:
+            dtype = np.dtype(_host_array(variable).dtype)
+            slot = _Slot(offset, tuple(int(d) for d in variable.shape), dtype)
+            slots.append(slot)
+            offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
+        self.spec = LayoutSpec(
+            level, tuple(slots), variables_signature(self.variables), offset
+        )
+
+    @property
+    def level(self) -> StateLevel:
+        return self.spec.level
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.nbytes
+
     def capture(self, data: np.ndarray) -> None:
         """Copies the variables' current values into `data`."""
-        for variable, view in zip(self.variables, self.views(data)):
+        for variable, view in zip(self.variables, self.spec.views(data)):
             np.copyto(view, _host_array(variable), casting="no")
 
 
@@ -199,7 +227,7 @@ class BufferPool:
 
     def __init__(self, capacity: int, allocate: Callable[[int], Buffer]):
         self.capacity = capacity
-        self._allocate = allocate
+        self.allocate = allocate
         self._free: list[Buffer] = []
         self._count = 0
         self._nbytes = 0
@@ -215,7 +243,7 @@ class BufferPool:
         with self._cond:
             self._resize(nbytes)
             if self._count == 0:
-                self._free.append(self._allocate(self._nbytes))
+                self._free.append(self.allocate(self._nbytes))
                 self.allocations += 1
                 self._count = 1
                 self.high_water = max(self.high_water, 1)
@@ -249,7 +277,7 @@ class BufferPool:
                 self._count += 1
                 self.high_water = max(self.high_water, self._count)
                 try:
-                    buffer = self._allocate(self._nbytes)
+                    buffer = self.allocate(self._nbytes)
                 except BaseException:
                     self._count -= 1
                     raise
@@ -310,14 +338,14 @@ class Snapshot:
 
     Args:
         level: The `StateLevel` captured.
-        layout: The `StateLayout` of the captured variables.
+        layout: The `LayoutSpec` of the captured variables.
         buffer: The `Buffer` holding the bytes, or `None` when the layout
             is empty.
         pool: The pool `buffer` returns to when the last holder releases.
         stop_training: The model's `stop_training` flag at dispatch.
     """
 
-    def __init__(self, level: StateLevel, layout: StateLayout,
+    def __init__(self, level: StateLevel, layout: LayoutSpec,
                  buffer: Buffer | None, pool: BufferPool | None,
                  stop_training: bool):
         self.level = level

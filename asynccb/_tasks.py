@@ -98,6 +98,9 @@ class TaskRunner:
         self.shadow = Shadow()
         self._published: Any = None  # The shadow the callback was given.
 
+    def prepare_callback(self) -> None:
+        """Nothing to prepare: the worker shares this process' callback."""
+
     def is_coroutine_hook(self, task: Task) -> bool:
         return task.kind == "hook" and inspect.iscoroutinefunction(
             getattr(self.callback, task.name)

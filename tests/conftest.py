@@ -17,18 +17,36 @@ import tensorflow as tf  # noqa: E402
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
-EXECUTORS = ["thread", "async"]
+EXECUTORS = ["thread", "process", "async"]
 JOIN_TIMEOUT_S = 20  # Failure guard only: threads end on events, not time.
 
 
+def worker_processes() -> list[tuple[int, str]]:
+    """This process' asynccb worker processes still alive."""
+    from crossproc import children_of
+
+    return [(pid, command) for pid, command in children_of(os.getpid())
+            if "asynccb._process_worker" in command]
+
+
+def shared_segments(pid: int | None = None) -> list[str]:
+    """asynccb's shared memory segments of process `pid` (default: us)."""
+    prefix = f"asynccb-{pid or os.getpid()}-"
+    return sorted(name for name in os.listdir("/dev/shm")
+                  if name.startswith(prefix))
+
+
 @pytest.fixture(autouse=True)
-def no_leaked_threads():
-    """Fails a test that leaves a thread it started running.
+def nothing_left_behind():
+    """Fails a test that leaves a thread, a worker process or a shared
+    memory segment of asynccb behind.
 
     A run that raised past Keras' hooks is closed by the run watch within a
-    fraction of a second; joining (with a generous guard) waits for that
-    without sleeping.
+    fraction of a second; joining threads and waiting on process exits
+    (with generous guards) waits for that without sleeping.
     """
+    from crossproc import wait_for_exit
+
     before = set(threading.enumerate())
     yield
     leaked = [t for t in threading.enumerate() if t not in before]
@@ -36,6 +54,10 @@ def no_leaked_threads():
         thread.join(JOIN_TIMEOUT_S)
     alive = [t.name for t in leaked if t.is_alive()]
     assert not alive, f"threads left running: {alive}"
+    for pid, _ in worker_processes():
+        wait_for_exit(pid, JOIN_TIMEOUT_S)
+    assert not worker_processes(), "worker processes left running"
+    assert not shared_segments(), "shared memory segments left"
 
 
 def mnist_like(samples: int = 256, seed: int = 0):
@@ -139,3 +161,11 @@ def guide_model():
 @pytest.fixture(params=EXECUTORS)
 def executor(request):
     return request.param
+
+
+@pytest.fixture
+def signals(tmp_path):
+    """Makes cross-process gates (named pipes) in the test's directory."""
+    from crossproc import Signal
+
+    return lambda name: Signal(tmp_path / f"{name}.fifo")

@@ -16,7 +16,7 @@ def _csv(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"executor": "gpu"}, "`executor` must be one of 'thread', 'async'. "
+        ({"executor": "gpu"}, "`executor` must be one of 'thread', 'process', 'async'. "
                               "Received: executor='gpu'"),
         ({"executor": None}, "Received: executor=None"),
         ({"max_pending": 0}, "`max_pending` must be a positive integer. "

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import JOIN_TIMEOUT_S, make_model, mnist_like
-from recording import Gated, LiveWeights, OnTrainEnd
+from recording import Gated, LiveWeights, OnTrainEnd, WaitsAtEpochBegin
 
 from asynccb import AsyncCallback, AsyncCallbackList
 
@@ -21,8 +21,8 @@ def _fit(callbacks):
                             shuffle=False, callbacks=callbacks)
 
 
-def test_slow_hook_does_not_block_training(executor):
-    gate = threading.Event()
+def test_slow_hook_does_not_block_training(executor, signals):
+    gate = signals("gate")
     slow = Gated(gate)
     live = LiveWeights()  # Inline: counts the epochs trained.
 
@@ -37,8 +37,8 @@ def test_slow_hook_does_not_block_training(executor):
     assert slow.done == list(range(EPOCHS))
 
 
-def test_block_policy_makes_training_wait(executor):
-    gate = threading.Event()
+def test_block_policy_makes_training_wait(executor, signals):
+    gate = signals("gate")
     slow = Gated(gate, gated_epochs={0})
     wrapper = AsyncCallback(slow, executor=executor, max_pending=1,
                             on_full="block", state="none")
@@ -67,9 +67,9 @@ def test_block_policy_makes_training_wait(executor):
 
 
 @pytest.mark.parametrize("form", ["AsyncCallback", "AsyncCallbackList"])
-def test_latest_policy_keeps_newest_snapshot(executor, form):
-    gate = threading.Event()
-    slow = Gated(gate, gated_epochs={0})
+def test_latest_policy_keeps_newest_snapshot(executor, form, signals):
+    gate, started = signals("gate"), signals("started")
+    slow = Gated(gate, gated_epochs={0}, started=started)
     live = LiveWeights()
     wrapper = AsyncCallback(slow, executor=executor, max_pending=1,
                             on_full="latest", state="weights")
@@ -78,7 +78,8 @@ def test_latest_policy_keeps_newest_snapshot(executor, form):
         assert slow.done == []  # Still stuck on epoch 0.
         gate.set()
 
-    callbacks = [OnTrainEnd(release), live, wrapper]
+    callbacks = [OnTrainEnd(release), WaitsAtEpochBegin(started), live,
+                 wrapper]
     if form == "AsyncCallbackList":
         model = make_model()
         x, y = mnist_like(128)
@@ -97,25 +98,27 @@ def test_latest_policy_keeps_newest_snapshot(executor, form):
             np.testing.assert_array_equal(got, want)
 
 
-def test_drop_oldest_policy(executor):
-    gate = threading.Event()
-    slow = Gated(gate, gated_epochs={0})
+def test_drop_oldest_policy(executor, signals):
+    gate, started = signals("gate"), signals("started")
+    slow = Gated(gate, gated_epochs={0}, started=started)
     wrapper = AsyncCallback(slow, executor=executor, max_pending=2,
                             on_full="drop_oldest", state="none")
-    _fit([OnTrainEnd(gate.set), wrapper])
+    _fit([OnTrainEnd(lambda: gate.set()), WaitsAtEpochBegin(started),
+          wrapper])
     # 0 running, 1..4 arrive at a queue of 2: 1 and 2 are dropped.
     assert slow.done == [0, 3, 4]
     assert wrapper.stats().dropped == 2
 
 
-def test_snapshot_pool_bounds_memory(executor):
+def test_snapshot_pool_bounds_memory(executor, signals):
     """Snapshots live in at most `max_snapshots` reused buffers."""
-    gate = threading.Event()
-    slow = Gated(gate, gated_epochs={0})
+    gate, started = signals("gate"), signals("started")
+    slow = Gated(gate, gated_epochs={0}, started=started)
     wrapper = AsyncCallback(slow, executor=executor, max_pending=8,
                             on_full="latest", state="weights",
                             max_snapshots=2)
-    _fit([OnTrainEnd(gate.set), wrapper])
+    _fit([OnTrainEnd(lambda: gate.set()), WaitsAtEpochBegin(started),
+          wrapper])
     # A queue of 8 could hold 5 snapshots; the pool of 2 made the newest
     # snapshot replace the pending one instead.
     assert slow.done == [0, EPOCHS - 1]

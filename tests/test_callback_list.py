@@ -107,7 +107,8 @@ def _gradient_tape_loop(callbacks_for, tmp_path, name):
     return out
 
 
-def test_gradient_tape_loop_matches_keras(tmp_path, capsys, executor):
+def test_gradient_tape_loop_matches_keras(tmp_path, capfd, executor):
+    capsys = capfd  # A worker process prints to the file descriptor.
     plain = _gradient_tape_loop(
         lambda cbs, model: keras.callbacks.CallbackList(cbs, model=model),
         tmp_path, "plain")

@@ -80,3 +80,20 @@ def test_heavy_checkpointing(example, capsys, tmp_path):
     assert stats.callbacks["ModelCheckpoint"].worker_time["save"].count == 4
     assert "every checkpoint equal to plain Keras' and loadable: True" in (
         capsys.readouterr().out)
+
+
+def test_process_custom_layer_as_a_script(tmp_path):
+    """Run as a script, so that its custom layer lives in `__main__` and
+    must reach the worker processes by value."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "process_custom_layer.py"),
+         "--epochs", "2", "--save-every", "16", "--directory", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 checkpoints in" in result.stdout
+    assert "the last loads: ScaledDense" in result.stdout
+    assert "sanity-checked epochs: [0, 1]" in result.stdout
+    assert "predictions finite" in result.stdout

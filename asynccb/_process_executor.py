@@ -1,0 +1,76 @@
+"""The `process` executor: one spawned worker process per callback.
+
+A forwarding thread in the training process takes the lane's tasks in
+order, runs each in the worker (`ProcessRunner`) and, between tasks, waits
+on both the queue and the worker's sentinel: a worker that dies while idle
+is noticed at once too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing.connection import wait
+
+from asynccb._channel import CLOSED
+from asynccb._lane import Lane
+from asynccb._process_runner import ProcessRunner
+
+__all__ = ["ProcessExecutor"]
+
+
+def _forward(lane: Lane, runner: ProcessRunner) -> None:
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    try:
+        try:
+            runner.start(lane.name)
+        except BaseException as exc:
+            lane.fail("worker start", exc)
+        while True:
+            task = lane.channel.get_or_arm(lambda: os.write(wake_write, b"!"))
+            # Between tasks, watch the worker too (not once it has failed).
+            watching = runner.sentinel is not None and lane.error is None
+            if task is None:
+                ready = wait([wake_read] + ([runner.sentinel] if watching
+                                            else []))
+                if watching and runner.sentinel in ready:
+                    lane.fail("worker (idle)", runner.death("idle"))
+                if wake_read in ready:
+                    os.read(wake_read, 4096)
+                continue
+            if task is CLOSED:
+                break
+            lane.run(task)
+        if lane.error is None:
+            try:
+                runner.finish()
+            except BaseException as exc:
+                lane.fail("returning the callback's state", exc)
+    finally:
+        runner.stop()
+        os.close(wake_read)
+        os.close(wake_write)
+
+
+class ProcessExecutor:
+    """Runs each lane in a worker process, fed by a forwarding thread."""
+
+    name = "process"
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+
+    def start(self, lane: Lane) -> None:
+        thread = threading.Thread(
+            target=_forward, args=(lane, lane.runner),
+            name=f"asynccb-{lane.name}-forwarder", daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Waits for the forwarders (channels closed) and their workers."""
+        while self._threads:
+            self._threads[-1].join()
+            self._threads.pop()

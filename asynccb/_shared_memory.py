@@ -1,0 +1,94 @@
+"""Snapshot buffers in shared memory, for worker processes.
+
+The training process creates each buffer once, touches its pages, and
+reuses it for the whole run; a worker maps it by name and reads the
+snapshot from it in place. Buffers are named `asynccb-<pid>-<token>`, so a
+leftover segment in `/dev/shm` is easy to attribute. If the training
+process is killed, multiprocessing's resource tracker unlinks them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import uuid
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from asynccb._snapshot import Buffer
+
+__all__ = ["allocate_shared", "SharedBuffers", "SEGMENT_PREFIX"]
+
+SEGMENT_PREFIX = "asynccb-"
+
+
+def allocate_shared(nbytes: int) -> Buffer:
+    """A buffer of `nbytes` in a new shared memory segment, paged in."""
+    name = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    segment = shared_memory.SharedMemory(name=name, create=True,
+                                         size=max(nbytes, 1))
+    data = np.ndarray((nbytes,), np.uint8, buffer=segment.buf)
+    data.fill(0)  # Page in now, not during the first snapshot.
+
+    def release() -> None:
+        segment.unlink()
+        try:
+            segment.close()
+        except BufferError:
+            # A view of it is still referenced somewhere; the mapping goes
+            # when that view does. The name is already gone.
+            pass
+
+    return Buffer(data, name=name, release=release)
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    try:  # Python 3.13+: attach without registering for cleanup.
+        return shared_memory.SharedMemory(name=name, track=False)
+    except TypeError:
+        segment = shared_memory.SharedMemory(name=name)
+        # Older Pythons register every attachment with the resource
+        # tracker, which would then unlink the training process' segment
+        # when this worker exits. The creator owns it: unregister.
+        resource_tracker.unregister(segment._name, "shared_memory")
+        return segment
+
+
+class SharedBuffers:
+    """A worker's mappings of the training process' buffers, by name.
+
+    Args:
+        capacity: How many mappings to keep; the least recently used one is
+            closed beyond that (the pool never has more buffers alive).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._mapped: collections.OrderedDict = collections.OrderedDict()
+
+    def array(self, name: str, nbytes: int) -> np.ndarray:
+        """The first `nbytes` of segment `name`, as a uint8 array."""
+        entry = self._mapped.get(name)
+        if entry is None:
+            segment = _attach(name)
+            entry = (segment, np.ndarray((nbytes,), np.uint8,
+                                         buffer=segment.buf))
+            self._mapped[name] = entry
+            while len(self._mapped) > self.capacity:
+                self._close(self._mapped.popitem(last=False)[1])
+        else:
+            self._mapped.move_to_end(name)
+        return entry[1][:nbytes]
+
+    @staticmethod
+    def _close(entry) -> None:
+        segment, _ = entry
+        try:
+            segment.close()
+        except BufferError:
+            pass  # A shadow still reads from it; unmapped when it is done.
+
+    def close(self) -> None:
+        while self._mapped:
+            self._close(self._mapped.popitem()[1])

@@ -1,0 +1,302 @@
+"""The process executor: custom classes, crashes, orphans, shared memory,
+and callbacks that cannot travel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from artifacts import assert_same_checkpoints
+from conftest import JOIN_TIMEOUT_S, mnist_like, shared_segments
+from crossproc import Signal, children_of, wait_for_exit
+from recording import LiveWeights
+
+from asynccb import AsyncCallback, AsyncCallbackError, WorkerDiedError
+
+TESTS = Path(__file__).resolve().parent
+
+
+class Doubler(keras.layers.Layer):
+    """Not registered with Keras: the worker gets it from this module."""
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(shape=(input_shape[-1],),
+                                    initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.gain * 2.0
+
+
+class SlowToSave(keras.layers.Layer):
+    """Its second save, in a worker, reports the worker's pid on `started`
+    and then blocks until `gate` opens: a save caught in the middle."""
+
+    def __init__(self, started=None, gate=None, **kwargs):
+        super().__init__(**kwargs)
+        self.started = started
+        self.gate = gate
+        self.saves = 0
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(shape=(input_shape[-1],),
+                                    initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.gain
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        self.saves += 1
+        if self.started and self.saves == 2:
+            Signal.attach(self.started).set(str(os.getpid()).encode())
+            Signal.attach(self.gate).wait(JOIN_TIMEOUT_S)
+
+    def get_config(self):
+        return {**super().get_config(), "started": self.started,
+                "gate": self.gate}
+
+
+def _model(layer):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((784,)), layer,
+                              keras.layers.Dense(10)])
+    model.compile(optimizer="adam", loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _load(path, **custom):
+    return keras.models.load_model(path, custom_objects=custom)
+
+
+def test_custom_layer_of_this_module_checkpointed_by_a_worker(tmp_path):
+    x, y = mnist_like(128)
+    for name, wrap in (("plain", lambda cb: cb),
+                       ("ours", lambda cb: AsyncCallback(cb,
+                                                         executor="process"))):
+        (tmp_path / name).mkdir()
+        checkpoint = keras.callbacks.ModelCheckpoint(
+            str(tmp_path / name / "{epoch}.keras"))
+        _model(Doubler()).fit(x, y, epochs=2, batch_size=32, verbose=0,
+                              shuffle=False, callbacks=[wrap(checkpoint)])
+    assert len(assert_same_checkpoints(tmp_path / "plain",
+                                       tmp_path / "ours")) == 2
+    # The file loads in a fresh interpreter.
+    loader = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(TESTS)!r})
+        import keras
+        from test_process import Doubler
+        model = keras.models.load_model({str(tmp_path / 'ours' / '2.keras')!r},
+                                        custom_objects={{"Doubler": Doubler}})
+        print(type(model.layers[0]).__name__, model.count_params())
+    """)
+    loaded = subprocess.run([sys.executable, "-c", loader], text=True,
+                            capture_output=True, timeout=120)
+    assert loaded.stdout.split() == ["Doubler", str(784 + 784 * 10 + 10)], (
+        loaded.stderr[-2000:])
+
+
+def test_worker_killed_mid_save(tmp_path, signals):
+    started, gate = signals("started"), signals("gate")
+    model = _model(SlowToSave(started.path, gate.path))
+    live = LiveWeights()
+    begun = []
+
+    class KillsTheSavingWorker(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            begun.append(epoch)
+            if epoch == 2:  # The save of epoch 1 is under way.
+                pid = int(started.wait(JOIN_TIMEOUT_S))
+                os.kill(pid, signal.SIGKILL)
+                assert wait_for_exit(pid, JOIN_TIMEOUT_S)
+
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "model.keras"))
+    x, y = mnist_like(128)
+    with pytest.raises(WorkerDiedError) as caught:
+        model.fit(x, y, epochs=10, batch_size=32, verbose=0, shuffle=False,
+                  callbacks=[live, KillsTheSavingWorker(),
+                             AsyncCallback(checkpoint, executor="process")])
+    error = caught.value
+    assert isinstance(error, AsyncCallbackError)
+    assert error.exitcode == -signal.SIGKILL and error.signal == "SIGKILL"
+    assert "killed by SIGKILL" in str(error)
+    assert "model.save(" in str(error)
+    assert begun[-1] == 2  # Raised at the next hook, not at the end.
+    # The previous checkpoint is intact: epoch 0's, complete, loadable.
+    restored = _load(tmp_path / "model.keras", SlowToSave=SlowToSave)
+    for got, want in zip(restored.get_weights(), live.weights[0]):
+        np.testing.assert_array_equal(got, want)
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if not p.name.endswith(".fifo")) == ["model.keras"]
+
+
+TRAINER = """
+import sys
+sys.path.insert(0, {tests!r})
+import keras
+from asynccb import AsyncCallback
+from conftest import mnist_like
+from test_process import SlowToSave, _model
+
+model = _model(SlowToSave({started!r}, {gate!r}))
+x, y = mnist_like(128)
+checkpoint = keras.callbacks.ModelCheckpoint({path!r})
+model.fit(x, y, epochs=10, batch_size=32, verbose=0,
+          callbacks=[AsyncCallback(checkpoint, executor="process")])
+"""
+
+
+def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path, signals):
+    started, gate = signals("started"), signals("gate")
+    path = tmp_path / "model.keras"
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER.format(tests=str(TESTS), started=started.path,
+                                     gate=gate.path, path=str(path)))
+    trainer = subprocess.Popen([sys.executable, str(script)])
+    try:
+        worker = int(started.wait(120))  # The second save is under way.
+        children = [pid for pid, _ in children_of(trainer.pid)]
+        assert worker in children
+        trainer.kill()
+    finally:
+        trainer.kill()
+        trainer.wait()
+    # Its worker (lifeline) and resource tracker (unlinks the shared
+    # memory) notice, and exit by themselves.
+    for pid in children:
+        assert wait_for_exit(pid, JOIN_TIMEOUT_S), f"{pid} outlived it"
+    assert shared_segments(trainer.pid) == []
+    assert isinstance(_load(path, SlowToSave=SlowToSave), keras.Model)
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if not p.name.endswith(".fifo")) == ["model.keras",
+                                                       "train.py"]
+
+
+class HoldsALock(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.lock:
+            pass
+
+
+def test_unpicklable_callback_fails_before_training():
+    with pytest.raises(TypeError) as caught:
+        AsyncCallback(HoldsALock(), executor="process")
+    message = str(caught.value)
+    assert "HoldsALock cannot be sent to a worker process: attribute " \
+           "'lock' (lock: " in message
+    assert "executor='thread'" in message
+
+
+def test_attribute_gone_unpicklable_before_fit_fails_before_training():
+    class Uploads(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+    callback = Uploads()
+    wrapper = AsyncCallback(callback, executor="process", state="none")
+    callback.connection = socket.socket()  # Set after wrapping.
+    steps = []
+
+    class Counts(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            steps.append(batch)
+
+    x, y = mnist_like(64)
+    try:
+        with pytest.raises(TypeError, match="attribute 'connection' "
+                                            r"\(socket: "):
+            _model(Doubler()).fit(x, y, epochs=1, verbose=0,
+                                  callbacks=[Counts(), wrapper])
+    finally:
+        callback.connection.close()
+    assert steps == []
+
+
+class ExitsAt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            os._exit(3)
+
+
+def test_worker_exiting_on_its_own():
+    x, y = mnist_like(64)
+    with pytest.raises(WorkerDiedError) as caught:
+        _model(Doubler()).fit(x, y, epochs=4, batch_size=32, verbose=0,
+                              callbacks=[AsyncCallback(
+                                  ExitsAt(), executor="process",
+                                  state="none")])
+    assert caught.value.exitcode == 3 and caught.value.signal is None
+    assert "exit code 3" in str(caught.value)
+    assert "on_epoch_end(epoch=1)" in str(caught.value)
+
+
+class ReportsPid(keras.callbacks.Callback):
+    def __init__(self, pid_signal):
+        super().__init__()
+        self.pid_signal = pid_signal
+
+    def on_train_begin(self, logs=None):
+        self.pid_signal.set(str(os.getpid()).encode())
+
+
+def test_idle_worker_death_is_noticed(signals):
+    pid_signal = signals("pid")
+    begun = []
+    wrapper = AsyncCallback(ReportsPid(pid_signal), executor="process",
+                            state="none")
+
+    class KillsIdleWorker(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            begun.append(epoch)
+            if epoch == 1:
+                pid = int(pid_signal.wait(JOIN_TIMEOUT_S))
+                wrapper._lane.channel.join()  # It has nothing left to do.
+                os.kill(pid, signal.SIGKILL)
+                assert wait_for_exit(pid, JOIN_TIMEOUT_S)
+
+    x, y = mnist_like(64)
+    with pytest.raises(WorkerDiedError, match="died while idle"):
+        _model(Doubler()).fit(x, y, epochs=50, batch_size=32, verbose=0,
+                              callbacks=[KillsIdleWorker(), wrapper])
+    assert begun[-1] < 10  # Noticed while training went on, not at the end.
+
+
+class RecordsItsWorker(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        self.pid = os.getpid()
+        self.cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.gpus = len(tf.config.get_visible_devices("GPU"))
+        self.threads = tf.config.threading.get_intra_op_parallelism_threads()
+        self.niceness = os.nice(0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs = getattr(self, "epochs", 0) + 1
+
+
+def test_worker_is_set_apart_and_state_comes_back():
+    callback = RecordsItsWorker()
+    x, y = mnist_like(64)
+    _model(Doubler()).fit(x, y, epochs=3, batch_size=32, verbose=0,
+                          callbacks=[AsyncCallback(callback,
+                                                   executor="process",
+                                                   state="none")])
+    assert callback.pid != os.getpid()
+    assert callback.cuda == "-1" and callback.gpus == 0
+    assert callback.threads == 1
+    assert callback.niceness > os.nice(0)
+    assert callback.epochs == 3  # The worker's state, copied back.
