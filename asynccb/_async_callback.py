@@ -19,7 +19,7 @@ from asynccb._options import (
     check_positive_int,
 )
 from asynccb._process_runner import pickle_callback
-from asynccb._roles import StateSpec, is_control
+from asynccb._roles import StateSpec, default_executor, is_control
 from asynccb._saving import OffloadedSavesModel
 from asynccb._snapshot import StateLevel
 from asynccb._stats import CallbackStats
@@ -58,6 +58,8 @@ class AsyncCallback(keras.callbacks.Callback):
             memory; it stops competing with training for the GIL), or
             `"async"` (a task in an anyio event loop; `async def` hooks are
             awaited there, plain ones run in anyio's worker threads).
+            Defaults to `"process"` for a ModelCheckpoint and `"thread"`
+            for anything else (see the README's benchmark).
         max_pending: The most hooks that may wait in its queue.
         on_full: What a hook does when the queue (or the pool of snapshot
             buffers) is full: `"block"` waits for the worker (lossless),
@@ -95,7 +97,7 @@ class AsyncCallback(keras.callbacks.Callback):
     def __init__(
         self,
         callback: keras.callbacks.Callback,
-        executor: str = "thread",
+        executor: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         on_full: str = "block",
         state: StateSpec | None = None,
@@ -109,6 +111,8 @@ class AsyncCallback(keras.callbacks.Callback):
                 "The callback is already an AsyncCallback; wrap the original "
                 f"callback once. Received: callback={callback!r}"
             )
+        if executor is None:
+            executor = default_executor(callback)
         check_choice("executor", executor, EXECUTORS)
         check_positive_int("max_pending", max_pending)
         check_positive_int("max_snapshots", max_snapshots)
@@ -163,6 +167,18 @@ class AsyncCallback(keras.callbacks.Callback):
     def stats(self) -> CallbackStats:
         """Counters and timings of this callback's offloaded hooks."""
         return self._lane.stats()
+
+    def wait(self) -> None:
+        """Blocks until every hook queued so far has run in the worker
+        (for a process worker, that includes its start-up).
+
+        Useful before reading what the callback writes while training goes
+        on; the end of `fit` waits by itself.
+
+        Raises:
+            AsyncCallbackError: If an offloaded hook failed.
+        """
+        self._dispatcher.wait()
 
     def _bind(self, dispatcher: Dispatcher) -> None:
         """Joins the dispatcher of an `AsyncCallbackList`, which then owns

@@ -96,7 +96,9 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         offload: `"auto"` to also offload the known-slow built-ins,
             `"explicit"` to offload only callbacks wrapped in
             `AsyncCallback`.
-        executor: The executor for auto-offloaded callbacks.
+        executor: The executor for auto-offloaded callbacks; by default,
+            each gets its kind's (`"process"` for ModelCheckpoint, else
+            `"thread"`).
         max_pending: Queue bound for auto-offloaded callbacks.
         on_full: Full-queue policy for auto-offloaded callbacks.
         max_snapshots: The most snapshot buffers alive at once, shared by
@@ -126,14 +128,15 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         model: Any = None,
         *,
         offload: str = "auto",
-        executor: str = "thread",
+        executor: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         on_full: str = "block",
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
         **params: Any,
     ):
         check_choice("offload", offload, ("auto", "explicit"))
-        check_choice("executor", executor, EXECUTORS)
+        if executor is not None:
+            check_choice("executor", executor, EXECUTORS)
         check_positive_int("max_pending", max_pending)
         check_positive_int("max_snapshots", max_snapshots)
         check_policy(on_full)
@@ -207,6 +210,16 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             snapshot_bytes=self._dispatcher.snapshot_bytes,
             buffers=self._dispatcher.pool.high_water,
         )
+
+    def wait(self) -> None:
+        """Blocks until every hook queued so far, for every offloaded
+        callback of the list, has run (for process workers, that includes
+        their start-up). The end of `fit` waits by itself.
+
+        Raises:
+            AsyncCallbackError: If an offloaded hook failed.
+        """
+        self._dispatcher.wait()
 
     # Dispatch.
 

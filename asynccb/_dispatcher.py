@@ -247,6 +247,16 @@ class Dispatcher:
                 )
         return True
 
+    def wait(self) -> None:
+        """Blocks until every call queued so far has run.
+
+        Raises:
+            AsyncCallbackError: If an offloaded hook failed.
+        """
+        for lane in self.lanes:
+            lane.channel.join(interrupted=lambda lane=lane: lane.error is not None)
+        self.check()
+
     # Errors and deferred control.
 
     def _interrupt(self) -> None:

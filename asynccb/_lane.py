@@ -11,7 +11,13 @@ import anyio.to_thread
 
 from asynccb._channel import Channel, release_all
 from asynccb._hooks import effective_hooks
-from asynccb._roles import StateSpec, offloads_saves, state_planner, uses_model
+from asynccb._roles import (
+    StateSpec,
+    offloads_saves,
+    quiet_hooks,
+    state_planner,
+    uses_model,
+)
 from asynccb._snapshot import StateLevel
 from asynccb._stats import CallbackStats, SampleMap, Samples
 from asynccb._tasks import Task, TaskRunner
@@ -55,7 +61,8 @@ class Lane:
         self.policy = on_full
         self.saves_only = offloads_saves(callback)
         self.uses_model = uses_model(callback)
-        self.hooks = frozenset() if self.saves_only else effective_hooks(callback)
+        self.hooks = frozenset() if self.saves_only else (
+            effective_hooks(callback) - quiet_hooks(callback))
         self.needs: Callable[[str, tuple], StateLevel] = (
             (lambda hook, args: StateLevel.NONE) if self.saves_only
             else state_planner(callback, state)

@@ -143,7 +143,8 @@ class ProcessRunner:
 
     def prepare_callback(self) -> None:
         """Pickles the callback now, on the training thread, so that one
-        that cannot travel fails before training starts."""
+        that cannot travel fails before training starts. It travels with
+        the next `set_model` (or `attach`) task."""
         if self.callback is not None:
             self.payload = pickle_callback(self.callback)
 
@@ -166,8 +167,8 @@ class ProcessRunner:
             os.close(lifeline_read)
         self._conn = Connection(ours.detach())
         self.sentinel = _sentinel(self.process.pid)
-        self._send(("init", list(sys.path), self.payload,
-                    self.deferred_control, self.capacity))
+        self._send(("init", list(sys.path), self.deferred_control,
+                    self.capacity))
         reply = self._receive("starting")
         if reply[0] == "error":
             raise decode_exception(reply[1])
@@ -212,7 +213,11 @@ class ProcessRunner:
                 snapshot.layout, snapshot.stop_training)
         remote = Task(task.kind, task.name, task.args, task.logs,
                       task.kwargs, snapshot=snapshot, model=model)
-        self._send(("task", remote))
+        payload = None
+        if task.kind in ("set_model", "attach"):
+            # The callback as it is when its run starts, sent with its model.
+            payload, self.payload = self.payload, None
+        self._send(("task", remote, payload))
         try:
             reply = self._receive(f"running {task.describe()}")
         except WorkerDiedError:

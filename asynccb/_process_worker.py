@@ -8,10 +8,10 @@ training process dies: the lifeline pipe's end closes with it, and the
 worker exits within moments.
 
 Messages (cloudpickled) from the training process:
-    ("init", sys.path, cloudpickled callback or None, deferred_control,
-     capacity)
+    ("init", sys.path, deferred_control, capacity)
     ("blueprint", ModelBlueprint)      the shadow's source, when it changes
-    ("task", Task)                     snapshot as a `SnapshotRef`
+    ("task", Task, callback or None)   snapshot as a `SnapshotRef`; with
+                                       `set_model`, the cloudpickled callback
     ("finish",)                        reply with the callback's state
     ("stop",)
 Replies: ("ready",), ("done", effects), ("error", encoded exception),
@@ -132,15 +132,9 @@ def main(conn: Any, lifeline: int) -> None:
     from asynccb._shared_memory import SharedBuffers
     from asynccb._tasks import TaskRunner
 
-    _, path, payload, deferred_control, capacity = pickle.loads(
-        conn.recv_bytes())
+    _, path, deferred_control, capacity = pickle.loads(conn.recv_bytes())
     sys.path[:] = path  # Where the training process finds the user's code.
-    try:
-        callback = pickle.loads(payload) if payload is not None else None
-    except BaseException as exc:  # E.g. its class cannot be imported here.
-        conn.send(("error", encode_exception(exc)))
-        return
-    runner = TaskRunner(callback, deferred_control)
+    runner = TaskRunner(None, deferred_control)
     buffers = SharedBuffers(capacity)
     blueprint = None
     conn.send(("ready",))
@@ -149,15 +143,15 @@ def main(conn: Any, lifeline: int) -> None:
             message = pickle.loads(conn.recv_bytes())
             kind = message[0]
             if kind == "stop":
-                return
+                break
             if kind == "blueprint":
                 blueprint = pickle.loads(message[1])
                 continue
             if kind == "finish":
-                conn.send(("state", _callback_state(callback)
-                           if callback is not None else {}))
+                conn.send(("state", _callback_state(runner.callback)
+                           if runner.callback is not None else {}))
                 continue
-            task = message[1]
+            _, task, payload = message
             if task.model == USE_BLUEPRINT:
                 task.model = blueprint
             snapshot = task.snapshot
@@ -165,6 +159,8 @@ def main(conn: Any, lifeline: int) -> None:
                 snapshot.data = np.empty(0, np.uint8) if snapshot.name is None \
                     else buffers.array(snapshot.name, snapshot.layout.nbytes)
             try:
+                if payload is not None:  # E.g. its class cannot import here.
+                    runner.callback = pickle.loads(payload)
                 effects = runner.run(task)
             except BaseException as exc:
                 conn.send(("error", encode_exception(exc)))
@@ -175,6 +171,12 @@ def main(conn: Any, lifeline: int) -> None:
     finally:
         runner.close()
         buffers.close()
+    # Asked to stop, with nothing left to do: skip the interpreter's
+    # teardown (unloading TensorFlow takes seconds), which the training
+    # process would otherwise wait for at the end of every run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

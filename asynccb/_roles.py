@@ -13,11 +13,13 @@ from asynccb._snapshot import StateLevel
 __all__ = [
     "StateSpec",
     "is_control",
+    "default_executor",
     "is_known_slow",
     "offloads_saves",
     "uses_model",
     "state_planner",
     "model_changing_hooks",
+    "quiet_hooks",
 ]
 
 _cb = keras.callbacks
@@ -96,6 +98,19 @@ def offloads_saves(callback: Any) -> bool:
     file.
     """
     return isinstance(callback, _cb.ModelCheckpoint)
+
+
+def default_executor(callback: Any) -> str:
+    """The executor a callback gets when none is named.
+
+    From the benchmark (benchmarks/heavy_checkpointing.py, see the README):
+    a checkpoint save is seconds of CPU-bound Python (HDF5, zip) per
+    gigabyte that, in a thread, holds the GIL against the training thread,
+    so ModelCheckpoint runs in a worker process. Everything else defaults
+    to a thread: CSV rows, TensorBoard scalars and uploads are light or
+    I/O-bound, and a process costs a TensorFlow import and its memory.
+    """
+    return "process" if isinstance(callback, _cb.ModelCheckpoint) else "thread"
 
 
 def uses_model(callback: Any) -> bool:
@@ -184,6 +199,26 @@ def state_planner(
         return lambda hook, args: levels.get(hook, StateLevel.NONE)
     level = StateLevel.parse(declared, "state")
     return lambda hook, args: level
+
+
+def quiet_hooks(callback: Any) -> frozenset[str]:
+    """Hooks of a built-in that, as configured, write and decide nothing.
+
+    Offloading them would cost a dispatch per batch for no output. Keras'
+    TensorBoard with `update_freq="epoch"`, no profiling and no
+    steps-per-second only counts batches in its batch hooks (the counts
+    serve batch-level writing, which is off); only its exact class, since a
+    subclass may do more there.
+    """
+    if type(callback) is _cb.TensorBoard and (
+        callback.update_freq == "epoch"
+        and not callback._should_trace
+        and not callback.write_steps_per_second
+    ):
+        return frozenset(
+            hook for hook in ALL_HOOKS if "batch" in hook
+        )
+    return frozenset()
 
 
 def model_changing_hooks(callback: Any) -> frozenset[str]:

@@ -1,0 +1,269 @@
+"""Running the variants (interleaved, repeated, verified) and the sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import keras
+
+from asynccb import AsyncCallback
+from asynccb._shared_memory import allocate_shared
+from asynccb._snapshot import (
+    StateLayout,
+    StateLevel,
+    allocate_private,
+    state_variables,
+)
+from measure import (
+    PeakMemory,
+    SaveTimer,
+    Window,
+    memcpy_seconds,
+    percentile,
+    same_arrays,
+    state_nbytes,
+)
+from variants import (
+    TimedList,
+    build_model,
+    checkpoint_arrays,
+    synthetic_data,
+    written_checkpoints,
+)
+
+REFERENCE = "keras"
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def parameters_of(width: int) -> int:
+    return 784 * width + width + width * width + width + width * 10 + 10
+
+
+def state_bytes_of(width: int) -> int:
+    """Weights plus Adam's two moments, float32, plus two scalars."""
+    return 3 * 4 * parameters_of(width) + 8 + 4
+
+
+def width_for_state(nbytes: int) -> int:
+    """The hidden width whose state (weights + Adam) is about `nbytes`."""
+    parameters = nbytes / 12
+    return max(8, round((-796 + math.sqrt(796 ** 2 + 4 * parameters)) / 2))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"error: {type(exc).__name__}: {text[0] if text else ''}"[:160]
+
+
+def run_once(variant, config, repeat: int, scratch: str) -> dict:
+    """One training run of `variant`; its figures and its checkpoints."""
+    slug = variant.name.replace(" ", "-").replace(".", "")
+    directory = os.path.join(scratch, f"{slug}-{repeat}")
+    os.makedirs(directory)
+    result = {
+        "name": variant.name, "note": variant.note, "repeat": repeat,
+        "status": "ok", "directory": directory, "steps_per_s": None,
+        "wall_s": None, "warmup_s": None, "save_times": [],
+        "end_wait_s": None,
+        "memcpy_s": memcpy_seconds(state_bytes_of(config.width)),
+        "peak_rss_bytes": None, "checkpoints": 0, "verified": None,
+    }
+    missing = variant.missing()
+    if missing:
+        result["status"] = missing
+        return result
+    x, y = synthetic_data(config.steps_per_epoch * config.batch_size)
+    model = build_model(config.width)
+    try:
+        callbacks, timer = variant.build(directory, config, x, model)
+        window = Window(callbacks, warmup_epochs=1)
+        if isinstance(callbacks, list):
+            callbacks = [window] + callbacks
+        else:  # Our list: the window goes first in it.
+            callbacks.callbacks.insert(0, window)
+            window.set_model(model)
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size,
+                      shuffle=False, verbose=0, callbacks=callbacks)
+            end = time.perf_counter()
+    except Exception as exc:  # The row reports it.
+        result["status"] = _error(exc)
+        return result
+    measured = (config.epochs - 1) * config.steps_per_epoch
+    result.update(
+        steps_per_s=measured / (end - window.start),
+        wall_s=end - start,
+        warmup_s=window.warmup_s,
+        save_times=timer.save_times if timer else [],
+        end_wait_s=timer.end_time if timer else None,
+        peak_rss_bytes=memory.peak_bytes,
+        checkpoints=len(written_checkpoints(directory,
+                                            config.steps_per_epoch)),
+    )
+    return result
+
+
+def verify(result: dict, reference: dict | None, config, scratch: str) -> None:
+    """Marks `result` verified if every checkpoint it wrote loads and
+    equals, bit for bit, plain Keras' checkpoint of the same step."""
+    if result["status"] != "ok" or not result["checkpoints"]:
+        return
+    mine = written_checkpoints(result["directory"], config.steps_per_epoch)
+    if reference is None:
+        result["verified"] = None
+        return
+    theirs = written_checkpoints(reference["directory"], config.steps_per_epoch)
+    if sorted(mine) != sorted(theirs):
+        result["verified"] = False
+        result["status_detail"] = (f"steps {sorted(mine)} written, "
+                                   f"plain Keras wrote {sorted(theirs)}")
+        return
+    try:
+        result["verified"] = all(
+            same_arrays(checkpoint_arrays(mine[step], config.width, scratch),
+                        checkpoint_arrays(theirs[step], config.width, scratch))
+            for step in sorted(mine)
+        )
+    except Exception as exc:  # A file that does not load fails the row.
+        result["verified"] = False
+        result["status_detail"] = _error(exc)
+
+
+def run_variants(variants, config, repeats: int, scratch: str) -> list[dict]:
+    """Every variant, `repeats` times, interleaved (A B C A B C ...), after
+    one warm-up run that is not counted."""
+    _progress("warm-up run (not counted)")
+    warmup = run_once(variants[0], config, -1, scratch)
+    shutil.rmtree(warmup["directory"], ignore_errors=True)
+    runs, reference = [], None
+    total = repeats * len(variants)
+    for repeat in range(repeats):
+        for index, variant in enumerate(variants):
+            number = repeat * len(variants) + index + 1
+            _progress(f"[{number}/{total}] {variant.name}, repeat "
+                      f"{repeat + 1}/{repeats}")
+            result = run_once(variant, config, repeat, scratch)
+            if variant.name == REFERENCE and reference is None and (
+                    result["status"] == "ok"):
+                reference = result
+                result["verified"] = True  # The reference itself.
+            else:
+                verify(result, reference, config, scratch)
+                shutil.rmtree(result["directory"], ignore_errors=True)
+            _progress(f"    {result['status']}"
+                      + (f", {result['steps_per_s']:.1f} steps/s"
+                         if result["steps_per_s"] else "")
+                      + (f", verified {result['verified']}"
+                         if result["verified"] is not None else ""))
+            runs.append(result)
+    for result in runs:
+        result.pop("directory", None)
+    return runs
+
+
+# The sweep.
+
+class NeedsModel(keras.callbacks.Callback):
+    """Offloaded, needs the full state at every checkpoint step."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+        self.asynccb_state = lambda hook, args: (
+            "full" if hook == "on_train_batch_end"
+            and (args[0] + 1) % every == 0 else "none")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.weights[0].shape  # Reads its shadow; cheap.
+
+
+def _capture_seconds(layout, allocate, repeats: int = 5) -> float:
+    buffer = allocate(layout.nbytes)
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            layout.capture(buffer.data)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        buffer.free()
+
+
+def _trained(width: int, batch: int):
+    model = build_model(width)
+    x, y = synthetic_data(batch)
+    model.fit(x, y, epochs=1, batch_size=batch, verbose=0)  # Builds Adam.
+    return model
+
+
+def sweep(args, scratch: str) -> dict:
+    """Training-thread cost per checkpoint against state size, and against
+    the number of offloaded callbacks needing the model at one step."""
+    sizes = []
+    for mib in [float(s) for s in args.sweep_sizes.split(",")]:
+        width = width_for_state(int(mib * 2**20))
+        _progress(f"sweep: {mib:g} MiB of state (width {width})")
+        batch = 8
+        model = _trained(width, batch)
+        nbytes = state_nbytes(model)
+        layout = StateLayout(StateLevel.FULL,
+                             state_variables(model, StateLevel.FULL))
+        row = {
+            "state_bytes": nbytes,
+            "memcpy_s": memcpy_seconds(nbytes),
+            "snapshot_private_s": _capture_seconds(layout, allocate_private),
+            "snapshot_shared_s": _capture_seconds(layout, allocate_shared),
+        }
+        every, saves = 4, 5
+        directory = os.path.join(scratch, f"sweep-{mib:g}")
+        timer = SaveTimer(AsyncCallback(keras.callbacks.ModelCheckpoint(
+            os.path.join(directory, "{epoch}-{batch}.keras"),
+            save_freq=every), executor="process"), every)
+        x, y = synthetic_data(every * saves * batch)
+        model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
+                  callbacks=[timer])
+        shutil.rmtree(directory, ignore_errors=True)
+        row.update(stall_p50_s=percentile(timer.save_times, 50),
+                   stall_p99_s=percentile(timer.save_times, 99),
+                   saves=len(timer.save_times))
+        sizes.append(row)
+        del model
+        keras.backend.clear_session()
+
+    counts = []
+    width = width_for_state(30 * 2**20)
+    model = _trained(width, 16)
+    for count in (1, 2, 4, 8):
+        _progress(f"sweep: {count} offloaded callbacks at the same step")
+        every, batch = 4, 16
+        callbacks = TimedList([AsyncCallback(NeedsModel(every))
+                               for _ in range(count)], model=model,
+                              add_history=True, every=every)
+        x, y = synthetic_data(every * 8 * batch)
+        model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
+                  callbacks=callbacks)
+        stats = callbacks.stats()
+        counts.append({
+            "callbacks": count,
+            "stall_p50_s": percentile(callbacks.save_times, 50),
+            "stall_p99_s": percentile(callbacks.save_times, 99),
+            "snapshots_per_step": stats.snapshots / max(
+                len(callbacks.save_times), 1),
+        })
+    return {"sizes": sizes, "callbacks": counts}
+
