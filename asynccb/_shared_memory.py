@@ -71,8 +71,9 @@ class SharedBuffers:
         """The first `nbytes` of segment `name`, as a uint8 array."""
         entry = self._mapped.get(name)
         if entry is None:
+            # Map it whole: one buffer serves snapshots of several sizes.
             segment = _attach(name)
-            entry = (segment, np.ndarray((nbytes,), np.uint8,
+            entry = (segment, np.ndarray((segment.size,), np.uint8,
                                          buffer=segment.buf))
             self._mapped[name] = entry
             while len(self._mapped) > self.capacity:

@@ -37,7 +37,7 @@ def build_model(width: int, seed: int = 0) -> Any:
         keras.layers.Dense(10, name="logits"),
     ], name="mlp")
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-4),
+        optimizer=keras.optimizers.Adam(1e-4, name="adam"),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

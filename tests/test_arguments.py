@@ -18,7 +18,7 @@ def _csv(tmp_path):
     [
         ({"executor": "gpu"}, "`executor` must be one of 'thread', 'process', 'async'. "
                               "Received: executor='gpu'"),
-        ({"executor": None}, "Received: executor=None"),
+        ({"executor": 3}, "Received: executor=3"),
         ({"max_pending": 0}, "`max_pending` must be a positive integer. "
                              "Received: max_pending=0"),
         ({"max_pending": -3}, "Received: max_pending=-3"),

@@ -72,8 +72,8 @@ def test_prediction_sanity_check(example, capsys):
     assert "Epoch 2:" in capsys.readouterr().out
 
 
-def test_heavy_checkpointing(example, capsys, tmp_path):
-    same, stats = example("heavy_checkpointing").main(
+def test_checkpoint_often(example, capsys, tmp_path):
+    same, stats = example("checkpoint_often").main(
         ["--epochs", "2", "--steps", "10", "--width", "64",
          "--directory", str(tmp_path)])
     assert same

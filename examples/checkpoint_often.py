@@ -7,7 +7,7 @@ same callbacks in an `AsyncCallbackList`. Prints the time of each run, what
 asynccb saved, and checks that every checkpoint is identical to plain
 Keras' and loads.
 
-Run: python examples/heavy_checkpointing.py [--epochs 3] [--save-every 5]
+Run: python examples/checkpoint_often.py [--epochs 3] [--save-every 5]
 """
 
 import argparse
