@@ -378,7 +378,7 @@ class Dispatcher:
             buffer, waited = self._acquire(layout.nbytes, lane)
         start = time.perf_counter()
         if buffer is not None:
-            layout.capture(buffer.data)
+            layout.capture(buffer)
         snapshot = Snapshot(level, layout.spec, buffer, self.pool,
                             bool(getattr(self.model, "stop_training", False)))
         took = time.perf_counter() - start

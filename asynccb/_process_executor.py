@@ -9,12 +9,12 @@ is noticed at once too.
 from __future__ import annotations
 
 import os
-import threading
 from multiprocessing.connection import wait
 
 from asynccb._channel import CLOSED
 from asynccb._lane import Lane
 from asynccb._process_runner import ProcessRunner
+from asynccb._thread_executor import ThreadExecutor
 
 __all__ = ["ProcessExecutor"]
 
@@ -53,24 +53,12 @@ def _forward(lane: Lane, runner: ProcessRunner) -> None:
         os.close(wake_write)
 
 
-class ProcessExecutor:
-    """Runs each lane in a worker process, fed by a forwarding thread."""
+class ProcessExecutor(ThreadExecutor):
+    """Runs each lane in a worker process, fed by a forwarding thread (the
+    lane's thread, as in the thread executor, but it forwards)."""
 
     name = "process"
 
-    def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-
-    def start(self, lane: Lane) -> None:
-        thread = threading.Thread(
-            target=_forward, args=(lane, lane.runner),
-            name=f"asynccb-{lane.name}-forwarder", daemon=True,
-        )
-        thread.start()
-        self._threads.append(thread)
-
-    def stop(self) -> None:
-        """Waits for the forwarders (channels closed) and their workers."""
-        while self._threads:
-            self._threads[-1].join()
-            self._threads.pop()
+    @staticmethod
+    def serve(lane: Lane) -> None:
+        _forward(lane, lane.runner)

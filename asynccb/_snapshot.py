@@ -85,20 +85,34 @@ def state_variables(model: Any, level: StateLevel) -> list[Any]:
     return list(model.weights) + scalars
 
 
-def _host_array(variable: Any) -> np.ndarray:
-    """A read-only host view of `variable`'s current value, without a copy.
+def _host_array(tensor: Any) -> np.ndarray:
+    """A read-only host view of `tensor`, without a copy.
 
     On TensorFlow, reading a resource variable gives a tensor that aliases
     the variable's buffer, and DLPack exposes it to NumPy without copying;
     the one copy a snapshot pays is into its own buffer. Falls back to a
     copying `.numpy()` where DLPack cannot (device memory, exotic dtypes).
     """
-    value = variable.value
-    tensor = value.value() if hasattr(value, "value") else value
     try:
         return np.from_dlpack(tensor)
     except (TypeError, ValueError, RuntimeError, BufferError):
-        return np.asarray(variable.numpy())
+        return np.asarray(tensor.numpy())
+
+
+def _reader(variables: Sequence[Any]) -> Callable[[], list]:
+    """A function returning the current values of `variables` as tensors.
+
+    One compiled TensorFlow function reads them all: a call costs about
+    what one eager read does, where a model has hundreds of variables.
+    """
+    import tensorflow as tf
+
+    handles = [variable.value for variable in variables]
+    read_all = tf.function(
+        lambda: [handle.read_value() for handle in handles],
+        autograph=False,
+    )
+    return read_all
 
 
 @dataclass(frozen=True)
@@ -106,10 +120,7 @@ class _Slot:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    nbytes: int
 
 
 def variables_signature(variables: Sequence[Any]) -> tuple:
@@ -158,11 +169,12 @@ class StateLayout:
 
     def __init__(self, level: StateLevel, variables: Sequence[Any]):
         self.variables = list(variables)
+        self._read = _reader(self.variables) if self.variables else list
         slots = []
         offset = 0
-        for variable in self.variables:
-            dtype = np.dtype(_host_array(variable).dtype)
-            slot = _Slot(offset, tuple(int(d) for d in variable.shape), dtype)
+        for value in self._read():
+            array = _host_array(value)
+            slot = _Slot(offset, array.shape, array.dtype, array.nbytes)
             slots.append(slot)
             offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
         self.spec = LayoutSpec(
@@ -177,10 +189,10 @@ class StateLayout:
     def nbytes(self) -> int:
         return self.spec.nbytes
 
-    def capture(self, data: np.ndarray) -> None:
-        """Copies the variables' current values into `data`."""
-        for variable, view in zip(self.variables, self.spec.views(data)):
-            np.copyto(view, _host_array(variable), casting="no")
+    def capture(self, buffer: "Buffer") -> None:
+        """Copies the variables' current values into `buffer`."""
+        for value, view in zip(self._read(), buffer.views(self.spec)):
+            np.copyto(view, _host_array(value), casting="no")
 
 
 class Buffer:
@@ -197,6 +209,13 @@ class Buffer:
         self.data = data
         self.name = name
         self._release = release
+        self._views: tuple[Any, list[np.ndarray]] | None = None
+
+    def views(self, spec: "LayoutSpec") -> list[np.ndarray]:
+        """`spec.views(self.data)`, made once per layout and reused."""
+        if self._views is None or self._views[0] is not spec:
+            self._views = (spec, spec.views(self.data))
+        return self._views[1]
 
     @property
     def nbytes(self) -> int:
@@ -205,6 +224,7 @@ class Buffer:
     def free(self) -> None:
         """Returns the memory to the system (end of run)."""
         self.data = np.empty(0, np.uint8)
+        self._views = None
         if self._release is not None:
             self._release()
 
@@ -360,7 +380,7 @@ class Snapshot:
         """The captured values, one array per variable (views, not copies)."""
         if self.buffer is None:
             return []
-        return self.layout.views(self.buffer.data)
+        return self.buffer.views(self.layout)
 
     def retain(self) -> "Snapshot":
         with self._lock:

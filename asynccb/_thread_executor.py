@@ -31,9 +31,14 @@ class ThreadExecutor:
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
 
+    @staticmethod
+    def serve(lane: Lane) -> None:
+        """What the lane's thread runs: take tasks, run them, in order."""
+        _consume(lane)
+
     def start(self, lane: Lane) -> None:
         thread = threading.Thread(
-            target=_consume, args=(lane,), name=f"asynccb-{lane.name}",
+            target=self.serve, args=(lane,), name=f"asynccb-{lane.name}",
             daemon=True,
         )
         thread.start()

@@ -100,6 +100,23 @@ class PeakMemory:
         self._sample()
 
 
+class CopyFloor:
+    """Times a plain memory copy of `nbytes` right where a checkpoint
+    happens, after its hook: the physical floor of a snapshot, under the
+    same cache and memory-bandwidth conditions (a copy measured apart, in
+    a warm cache, would flatter small states)."""
+
+    def __init__(self, nbytes: int):
+        self.source = np.ones(max(nbytes, 1), np.uint8)
+        self.target = np.zeros_like(self.source)
+        self.times: list[float] = []
+
+    def measure(self) -> None:
+        start = time.perf_counter()
+        np.copyto(self.target, self.source)
+        self.times.append(time.perf_counter() - start)
+
+
 class SaveTimer(keras.callbacks.Callback):
     """Forwards every hook to `inner` and times, on the training thread,
     its `on_train_batch_end` at checkpoint steps and its `on_train_end`.
@@ -108,13 +125,16 @@ class SaveTimer(keras.callbacks.Callback):
         inner: The checkpointing callback (plain or wrapped).
         every: Checkpoint every this many steps (global step count).
         after: Steps not timed (the warm-up).
+        floor: A `CopyFloor` to measure at each timed checkpoint.
     """
 
-    def __init__(self, inner: Any, every: int, after: int = 0):
+    def __init__(self, inner: Any, every: int, after: int = 0,
+                 floor: CopyFloor | None = None):
         super().__init__()
         self.inner = inner
         self.every = every
         self.after = after
+        self.floor = floor
         self.step = 0
         self.save_times: list[float] = []
         self.end_time = 0.0
@@ -133,6 +153,8 @@ class SaveTimer(keras.callbacks.Callback):
         self.inner.on_train_batch_end(batch, logs=logs)
         if self.step % self.every == 0 and self.step > self.after:
             self.save_times.append(time.perf_counter() - start)
+            if self.floor is not None:
+                self.floor.measure()
 
     def on_train_end(self, logs=None):
         start = time.perf_counter()

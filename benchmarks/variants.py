@@ -14,7 +14,12 @@ import numpy as np
 import tensorflow as tf
 
 from asynccb import AsyncCallback, AsyncCallbackList
-from measure import SaveTimer, keras_file_arrays, model_arrays_as_keras_file
+from measure import (
+    CopyFloor,
+    SaveTimer,
+    keras_file_arrays,
+    model_arrays_as_keras_file,
+)
 
 # Hidden width of a 784-W-W-10 MLP, by preset. Weights are 4 bytes per
 # parameter; Adam keeps two more copies: state = 3x weights.
@@ -106,6 +111,7 @@ class Config:
     save_every: int
     sanity_samples: int
     tensorboard: bool
+    state_bytes: int = 0
 
 
 def _other_callbacks(directory: str, config: Config, x: np.ndarray):
@@ -129,7 +135,8 @@ def _keras_checkpoint(directory: str, config: Config):
 def _plain(checkpoint_factory):
     def build(directory, config, x, model):
         timer = SaveTimer(checkpoint_factory(directory, config),
-                          config.save_every, after=config.steps_per_epoch)
+                          config.save_every, after=config.steps_per_epoch,
+                          floor=CopyFloor(config.state_bytes))
         return [timer] + _other_callbacks(directory, config, x), timer
     return build
 
@@ -140,10 +147,12 @@ class TimedList(AsyncCallbackList):
     that hook: the checkpoint's snapshot and queueing) and `on_train_end`
     (waiting for the queues), like `SaveTimer` does for one callback."""
 
-    def __init__(self, *args, every: int, after: int = 0, **kwargs):
+    def __init__(self, *args, every: int, after: int = 0,
+                 floor: CopyFloor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.every = every
         self.after = after
+        self.floor = floor
         self.step = 0
         self.save_times: list[float] = []
         self.end_time = 0.0
@@ -154,6 +163,8 @@ class TimedList(AsyncCallbackList):
         super().on_train_batch_end(batch, logs)
         if self.step % self.every == 0 and self.step > self.after:
             self.save_times.append(time.perf_counter() - start)
+            if self.floor is not None:
+                self.floor.measure()
 
     def on_train_end(self, logs=None):
         start = time.perf_counter()
@@ -173,7 +184,8 @@ def _asynccb(executor: str | None):
         ]
         timed = TimedList(callbacks, model=model, add_history=True,
                           executor=executor, every=config.save_every,
-                          after=config.steps_per_epoch)
+                          after=config.steps_per_epoch,
+                          floor=CopyFloor(config.state_bytes))
         return timed, timed
     return build
 
@@ -182,7 +194,7 @@ def _orbax(directory, config, x, model):
     timer = SaveTimer(keras.callbacks.OrbaxCheckpoint(
         os.path.join(directory, "orbax"), save_freq=config.save_every,
         max_to_keep=None, save_on_background=True), config.save_every,
-        after=config.steps_per_epoch)
+        after=config.steps_per_epoch, floor=CopyFloor(config.state_bytes))
     return [timer] + _other_callbacks(directory, config, x), timer
 
 

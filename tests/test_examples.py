@@ -97,3 +97,12 @@ def test_process_custom_layer_as_a_script(tmp_path):
     assert "the last loads: ScaledDense" in result.stdout
     assert "sanity-checked epochs: [0, 1]" in result.stdout
     assert "predictions finite" in result.stdout
+
+
+def test_measure_throughput(example, capsys):
+    plain, ours, stats = example("measure_throughput").main(["--epochs", "2"])
+    assert plain > 0 and ours > 0
+    assert set(stats.callbacks) == {"ModelCheckpoint", "CSVLogger"}
+    assert stats.callbacks["ModelCheckpoint"].executor == "process"
+    out = capsys.readouterr().out
+    assert "with asynccb:" in out and "the training thread paid" in out
