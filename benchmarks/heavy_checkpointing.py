@@ -61,8 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="also measure cost per checkpoint against "
                              "state size and against callback count")
-    parser.add_argument("--sweep-sizes", default="10,30,100,300,1000,2000",
-                        help="state sizes (MiB, weights + Adam) to sweep")
+    parser.add_argument("--sweep-sizes", default="10,30,100,300,1000,1500",
+                        help="state sizes (MiB, weights + Adam) to sweep; "
+                             "about 12x the largest must fit in memory")
     parser.add_argument("--tiny", action="store_true",
                         help="a very small configuration (tests)")
     return parser.parse_args(argv)

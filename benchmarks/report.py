@@ -111,6 +111,10 @@ def sweep_tables(sweep: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in sweep["sizes"]:
+            if "error" in row:
+                lines.append(f"| {row['state_bytes'] / 2**20:.0f} MiB | "
+                             f"failed: {row['error']} |" + " |" * 6)
+                continue
             lines.append(
                 f"| {row['state_bytes'] / 2**20:.0f} MiB "
                 f"| {_fmt(row['memcpy_s'], 1e3, 2, ' ms')} "
@@ -177,7 +181,7 @@ def plot_sweep(sweep: dict, path: str) -> bool:
     except ImportError:
         return False
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    sizes = sweep.get("sizes", [])
+    sizes = [row for row in sweep.get("sizes", []) if "error" not in row]
     if sizes:
         mib = [r["state_bytes"] / 2**20 for r in sizes]
         axis = axes[0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -65,8 +68,12 @@ def _progress(message: str) -> None:
 
 
 def _error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"error: {type(exc).__name__}: {text[0] if text else ''}"[:160]
+    """A one-line account of `exc` for a table row: its message, or, for
+    TensorFlow's multi-line 'in user code' errors, the root cause's."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    cause = text.rsplit(f"{name}: ", 1)[-1]
+    return f"error: {name}: {cause}"[:150]
 
 
 def run_once(variant, config, repeat: int, scratch: str) -> dict:
@@ -214,45 +221,65 @@ def _trained(width: int, batch: int):
     return model
 
 
+def sweep_size(mib: float, scratch: str) -> dict:
+    """One size of the sweep: snapshot and checkpoint costs for a model
+    whose state (weights + Adam) is about `mib` MiB."""
+    width = width_for_state(int(mib * 2**20))
+    batch = 8
+    model = _trained(width, batch)
+    nbytes = state_nbytes(model)
+    layout = StateLayout(StateLevel.FULL,
+                         state_variables(model, StateLevel.FULL))
+    row = {
+        "state_bytes": nbytes,
+        "memcpy_s": memcpy_seconds(nbytes),
+        "snapshot_private_s": _capture_seconds(layout, allocate_private),
+        "snapshot_shared_s": _capture_seconds(layout, allocate_shared),
+    }
+    every, saves = 4, 5
+    directory = os.path.join(scratch, f"sweep-{mib:g}")
+    # `latest`: a save still pending when the next comes is replaced, so
+    # the trainer never waits on the worker and what is timed is the
+    # snapshot and the queueing alone.
+    floor = CopyFloor(nbytes)
+    timer = SaveTimer(AsyncCallback(keras.callbacks.ModelCheckpoint(
+        os.path.join(directory, "{epoch}-{batch}.keras"),
+        save_freq=every), executor="process", on_full="latest"), every,
+        floor=floor)
+    x, y = synthetic_data(every * saves * batch)
+    model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
+              callbacks=[timer])
+    shutil.rmtree(directory, ignore_errors=True)
+    row.update(stall_p50_s=percentile(timer.save_times, 50),
+               stall_p99_s=percentile(timer.save_times, 99),
+               memcpy_in_run_s=percentile(floor.times, 50),
+               saves=len(timer.save_times))
+    return row
+
+
 def sweep(args, scratch: str) -> dict:
     """Training-thread cost per checkpoint against state size, and against
-    the number of offloaded callbacks needing the model at one step."""
+    the number of offloaded callbacks needing the model at one step.
+
+    Each size runs in a fresh process: the largest need most of the
+    machine's memory (the model, its snapshot buffers, the worker's
+    shadow), and nothing of the previous size may linger.
+    """
     sizes = []
     for mib in [float(s) for s in args.sweep_sizes.split(",")]:
-        width = width_for_state(int(mib * 2**20))
-        _progress(f"sweep: {mib:g} MiB of state (width {width})")
-        batch = 8
-        model = _trained(width, batch)
-        nbytes = state_nbytes(model)
-        layout = StateLayout(StateLevel.FULL,
-                             state_variables(model, StateLevel.FULL))
-        row = {
-            "state_bytes": nbytes,
-            "memcpy_s": memcpy_seconds(nbytes),
-            "snapshot_private_s": _capture_seconds(layout, allocate_private),
-            "snapshot_shared_s": _capture_seconds(layout, allocate_shared),
-        }
-        every, saves = 4, 5
-        directory = os.path.join(scratch, f"sweep-{mib:g}")
-        # `latest`: a save still pending when the next comes is replaced,
-        # so the trainer never waits on the worker and what is timed is
-        # the snapshot and the queueing alone.
-        floor = CopyFloor(nbytes)
-        timer = SaveTimer(AsyncCallback(keras.callbacks.ModelCheckpoint(
-            os.path.join(directory, "{epoch}-{batch}.keras"),
-            save_freq=every), executor="process", on_full="latest"), every,
-            floor=floor)
-        x, y = synthetic_data(every * saves * batch)
-        model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
-                  callbacks=[timer])
-        shutil.rmtree(directory, ignore_errors=True)
-        row.update(stall_p50_s=percentile(timer.save_times, 50),
-                   stall_p99_s=percentile(timer.save_times, 99),
-                   memcpy_in_run_s=percentile(floor.times, 50),
-                   saves=len(timer.save_times))
-        sizes.append(row)
-        del model
-        keras.backend.clear_session()
+        _progress(f"sweep: {mib:g} MiB of state "
+                  f"(width {width_for_state(int(mib * 2**20))})")
+        result = subprocess.run(
+            [sys.executable, __file__, "--sweep-size", str(mib),
+             "--tf-threads", str(args.tf_threads), "--scratch", scratch],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            sizes.append({"state_bytes": int(mib * 2**20), "error":
+                          result.stderr.strip().splitlines()[-1:]})
+            _progress(f"    failed (exit code {result.returncode})")
+            continue
+        sizes.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
     counts = []
     width = width_for_state(30 * 2**20)
@@ -276,3 +303,16 @@ def sweep(args, scratch: str) -> dict:
         })
     return {"sizes": sizes, "callbacks": counts}
 
+
+
+if __name__ == "__main__":  # One size of the sweep, in its own process.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep-size", type=float, required=True)
+    parser.add_argument("--tf-threads", type=int, default=1)
+    parser.add_argument("--scratch", required=True)
+    options = parser.parse_args()
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(options.tf_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    print(json.dumps(sweep_size(options.sweep_size, options.scratch)))
