@@ -379,6 +379,7 @@ class Dispatcher:
         start = time.perf_counter()
         if buffer is not None:
             layout.capture(buffer)
+            self.pool.prefill()  # The next snapshot's buffer, off-thread.
         snapshot = Snapshot(level, layout.spec, buffer, self.pool,
                             bool(getattr(self.model, "stop_training", False)))
         took = time.perf_counter() - start
