@@ -117,27 +117,53 @@ class CopyFloor:
         self.times.append(time.perf_counter() - start)
 
 
-class SaveTimer(keras.callbacks.Callback):
-    """Forwards every hook to `inner` and times, on the training thread,
-    its `on_train_batch_end` at checkpoint steps and its `on_train_end`.
+class CheckpointClock:
+    """Times, on the training thread, `on_train_batch_end` at checkpoint
+    steps and `on_train_end`; shared by `SaveTimer` and `TimedList`.
 
     Args:
-        inner: The checkpointing callback (plain or wrapped).
         every: Checkpoint every this many steps (global step count).
         after: Steps not timed (the warm-up).
         floor: A `CopyFloor` to measure at each timed checkpoint.
     """
 
-    def __init__(self, inner: Any, every: int, after: int = 0,
+    def __init__(self, every: int, after: int = 0,
                  floor: CopyFloor | None = None):
-        super().__init__()
-        self.inner = inner
         self.every = every
         self.after = after
         self.floor = floor
         self.step = 0
         self.save_times: list[float] = []
         self.end_time = 0.0
+
+    def batch_end(self, call: Callable[[], None]) -> None:
+        self.step += 1
+        start = time.perf_counter()
+        call()
+        if self.step % self.every == 0 and self.step > self.after:
+            self.save_times.append(time.perf_counter() - start)
+            if self.floor is not None:
+                self.floor.measure()
+
+    def train_end(self, call: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        call()
+        self.end_time = time.perf_counter() - start
+
+
+class SaveTimer(keras.callbacks.Callback):
+    """Forwards every hook to `inner`, timing it with a `CheckpointClock`
+    (the `clock` attribute; other arguments are the clock's).
+
+    Args:
+        inner: The checkpointing callback (plain or wrapped).
+    """
+
+    def __init__(self, inner: Any, every: int, after: int = 0,
+                 floor: CopyFloor | None = None):
+        super().__init__()
+        self.inner = inner
+        self.clock = CheckpointClock(every, after, floor)
 
     def set_model(self, model):
         super().set_model(model)
@@ -148,18 +174,11 @@ class SaveTimer(keras.callbacks.Callback):
         self.inner.set_params(params)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        start = time.perf_counter()
-        self.inner.on_train_batch_end(batch, logs=logs)
-        if self.step % self.every == 0 and self.step > self.after:
-            self.save_times.append(time.perf_counter() - start)
-            if self.floor is not None:
-                self.floor.measure()
+        self.clock.batch_end(
+            lambda: self.inner.on_train_batch_end(batch, logs=logs))
 
     def on_train_end(self, logs=None):
-        start = time.perf_counter()
-        self.inner.on_train_end(logs)
-        self.end_time = time.perf_counter() - start
+        self.clock.train_end(lambda: self.inner.on_train_end(logs))
 
 
 def _forward(hook: str) -> Callable:

@@ -116,10 +116,10 @@ def run_once(variant, config, repeat: int, scratch: str) -> dict:
         steps_per_s=measured / (end - window.start),
         wall_s=end - start,
         warmup_s=window.warmup_s,
-        save_times=timer.save_times if timer else [],
-        memcpy_s=(statistics.median(timer.floor.times)
-                  if timer and timer.floor and timer.floor.times else None),
-        end_wait_s=timer.end_time if timer else None,
+        save_times=timer.clock.save_times if timer else [],
+        memcpy_s=(statistics.median(timer.clock.floor.times)
+                  if timer and timer.clock.floor.times else None),
+        end_wait_s=timer.clock.end_time if timer else None,
         peak_rss_bytes=memory.peak_bytes,
         checkpoints=len(written_checkpoints(directory,
                                             config.steps_per_epoch)),
@@ -250,10 +250,11 @@ def sweep_size(mib: float, scratch: str) -> dict:
     model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
               callbacks=[timer])
     shutil.rmtree(directory, ignore_errors=True)
-    row.update(stall_p50_s=percentile(timer.save_times, 50),
-               stall_p99_s=percentile(timer.save_times, 99),
+    times = timer.clock.save_times
+    row.update(stall_p50_s=percentile(times, 50),
+               stall_p99_s=percentile(times, 99),
                memcpy_in_run_s=percentile(floor.times, 50),
-               saves=len(timer.save_times))
+               saves=len(times))
     return row
 
 
@@ -294,12 +295,12 @@ def sweep(args, scratch: str) -> dict:
         model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False,
                   callbacks=callbacks)
         stats = callbacks.stats()
+        times = callbacks.clock.save_times
         counts.append({
             "callbacks": count,
-            "stall_p50_s": percentile(callbacks.save_times, 50),
-            "stall_p99_s": percentile(callbacks.save_times, 99),
-            "snapshots_per_step": stats.snapshots / max(
-                len(callbacks.save_times), 1),
+            "stall_p50_s": percentile(times, 50),
+            "stall_p99_s": percentile(times, 99),
+            "snapshots_per_step": stats.snapshots / max(len(times), 1),
         })
     return {"sizes": sizes, "callbacks": counts}
 

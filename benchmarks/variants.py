@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ import tensorflow as tf
 
 from asynccb import AsyncCallback, AsyncCallbackList
 from measure import (
+    CheckpointClock,
     CopyFloor,
     SaveTimer,
     keras_file_arrays,
@@ -142,34 +142,22 @@ def _plain(checkpoint_factory):
 
 
 class TimedList(AsyncCallbackList):
-    """An `AsyncCallbackList` that times, on the training thread, its
-    `on_train_batch_end` at checkpoint steps (all its callbacks' work for
-    that hook: the checkpoint's snapshot and queueing) and `on_train_end`
-    (waiting for the queues), like `SaveTimer` does for one callback."""
+    """An `AsyncCallbackList` timed like `SaveTimer` times one callback:
+    its `on_train_batch_end` at checkpoint steps is all its callbacks' work
+    for that hook (the checkpoint's snapshot and queueing), its
+    `on_train_end` the wait for the queues."""
 
     def __init__(self, *args, every: int, after: int = 0,
                  floor: CopyFloor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.every = every
-        self.after = after
-        self.floor = floor
-        self.step = 0
-        self.save_times: list[float] = []
-        self.end_time = 0.0
+        self.clock = CheckpointClock(every, after, floor)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        start = time.perf_counter()
-        super().on_train_batch_end(batch, logs)
-        if self.step % self.every == 0 and self.step > self.after:
-            self.save_times.append(time.perf_counter() - start)
-            if self.floor is not None:
-                self.floor.measure()
+        self.clock.batch_end(
+            lambda: super(TimedList, self).on_train_batch_end(batch, logs))
 
     def on_train_end(self, logs=None):
-        start = time.perf_counter()
-        super().on_train_end(logs)
-        self.end_time = time.perf_counter() - start
+        self.clock.train_end(lambda: super(TimedList, self).on_train_end(logs))
 
 
 def _asynccb(executor: str | None):
