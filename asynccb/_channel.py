@@ -159,11 +159,6 @@ class Channel:
         with self._cond:
             self._cond.notify_all()
 
-    def pending(self) -> list[Any]:
-        """A copy of the pending items, oldest first."""
-        with self._cond:
-            return list(self._items)
-
     # Consumer side.
 
     def get(self) -> Any:
@@ -194,10 +189,6 @@ class Channel:
         with self._cond:
             self._unfinished -= count
             self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
 
 
 def release_all(items: Iterable[Any]) -> None:

@@ -11,6 +11,7 @@ import anyio.to_thread
 
 from asynccb._channel import Channel, release_all
 from asynccb._hooks import effective_hooks
+from asynccb._process_runner import ProcessRunner
 from asynccb._roles import (
     StateSpec,
     offloads_saves,
@@ -72,8 +73,6 @@ class Lane:
         # there at all: only its shadow model is.
         remote_callback = None if self.saves_only else callback
         if executor == "process":
-            from asynccb._process_runner import ProcessRunner
-
             self.runner = ProcessRunner(remote_callback, deferred_control)
         else:
             self.runner = TaskRunner(remote_callback, deferred_control)

@@ -376,18 +376,6 @@ class BufferPool:
             self._free.clear()
             self._nbytes = 0
 
-    @property
-    def in_use(self) -> int:
-        """The number of buffers held by snapshots."""
-        with self._cond:
-            return self._count - len(self._free)
-
-    @property
-    def allocated(self) -> int:
-        """The number of buffers alive."""
-        with self._cond:
-            return self._count
-
 
 class Snapshot:
     """Model state captured at dispatch, shared by the hooks that need it.
