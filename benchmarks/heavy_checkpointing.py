@@ -39,7 +39,7 @@ def parse_args(argv=None):
                              "weights (3 GB with Adam)")
     parser.add_argument("--width", type=int, default=None,
                         help="hidden width, instead of a preset")
-    parser.add_argument("--steps-per-epoch", type=int, default=80)
+    parser.add_argument("--steps-per-epoch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4,
                         help="epochs per run; the first is warm-up (tracing, "
                              "worker start-up) and is not measured")
