@@ -150,10 +150,7 @@ class Dispatcher:
             if self._running:
                 return
             self._running = True
-            # Worker processes read snapshots in place: shared memory.
-            self.pool.allocate = allocate_shared if any(
-                lane.executor == "process" for lane in self.lanes
-            ) else allocate_private
+            self.pool.use(allocate_private)  # Shared if a process lane starts.
             for lane in self.lanes:
                 self._start_lane(lane)
 
@@ -171,6 +168,11 @@ class Dispatcher:
     def _start_lane(self, lane: Lane) -> None:
         lane.channel.open()
         lane.runner.capacity = self.pool.capacity + 1
+        if lane.executor == "process":
+            # A worker process reads snapshots in place: shared memory, for
+            # every lane of the run, from now on (also when the lane joins
+            # a list already at work, whose free buffers are private).
+            self.pool.use(allocate_shared)
         executor = self._executors.get(lane.executor)
         if executor is None:
             executor = self._executors[lane.executor] = _EXECUTORS[

@@ -208,6 +208,7 @@ class Buffer:
                  release: Callable[[], None] | None = None):
         self.data = data
         self.name = name
+        self.maker: Callable[[int], "Buffer"] | None = None  # Set by a pool.
         self._release = release
         self._views: tuple[Any, list[np.ndarray]] | None = None
 
@@ -242,7 +243,7 @@ class BufferPool:
     Args:
         capacity: The maximum number of buffers alive at once; it bounds the
             memory that snapshots take.
-        allocate: Makes a buffer of the given size in bytes.
+        allocate: Makes a buffer of the given size in bytes (see `use`).
     """
 
     def __init__(self, capacity: int, allocate: Callable[[int], Buffer]):
@@ -259,26 +260,55 @@ class BufferPool:
         self._prefill: threading.Thread | None = None
         self._cond = threading.Condition()
 
+    # A buffer is reused only while it fits: it is as large as the largest
+    # layout asked for (an optimizer built after the first snapshot grows
+    # it) and was made by the current allocator (a worker process joining
+    # the run needs shared memory). Any other is retired: freed when free.
+
+    def _reusable(self, buffer: Buffer) -> bool:
+        return buffer.nbytes >= self._nbytes and (
+            buffer.maker is self.allocate)
+
+    def _retire_free(self) -> None:
+        keep = [buffer for buffer in self._free if self._reusable(buffer)]
+        for buffer in self._free:
+            if not self._reusable(buffer):
+                buffer.free()
+                self._count -= 1
+        self._free = keep
+
+    def _new(self, nbytes: int) -> Buffer:
+        """Allocates a buffer for a slot already counted in `_count`."""
+        allocate = self.allocate
+        try:
+            buffer = allocate(nbytes)
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+            raise
+        buffer.maker = allocate
+        with self._cond:
+            self.allocations += 1
+            self.high_water = max(self.high_water, self._count)
+        return buffer
+
+    def use(self, allocate: Callable[[int], Buffer]) -> None:
+        """Makes new buffers with `allocate` from now on."""
+        with self._cond:
+            if allocate is not self.allocate:
+                self.allocate = allocate
+                self._retire_free()
+
     def reserve(self, nbytes: int) -> None:
         """Allocates one buffer ahead of need, off the hot path."""
         with self._cond:
-            self._resize(nbytes)
-            if self._count == 0:
-                self._free.append(self.allocate(self._nbytes))
-                self.allocations += 1
-                self._count = 1
-                self.high_water = max(self.high_water, 1)
-
-    def _resize(self, nbytes: int) -> None:
-        # Buffers have one size: the largest layout asked for. A layout
-        # that grows (an optimizer built after the first snapshot) retires
-        # the free buffers that became too small.
-        if nbytes > self._nbytes:
-            for buffer in self._free:
-                buffer.free()
-            self._count -= len(self._free)
-            self._free.clear()
-            self._nbytes = nbytes
+            self._nbytes = max(self._nbytes, nbytes)
+            self._retire_free()
+            if self._count:
+                return
+            self._count = 1
+        buffer = self._new(self._nbytes)
+        self.release(buffer)
 
     def try_acquire(self, nbytes: int) -> tuple[Buffer | None, int]:
         """A free buffer of at least `nbytes`, or `None` if all are in use.
@@ -287,24 +317,16 @@ class BufferPool:
             The buffer or `None`, and the generation to pass to `wait`.
         """
         with self._cond:
-            self._resize(nbytes)
-            while self._free:
-                buffer = self._free.pop()
-                if buffer.nbytes >= self._nbytes:
-                    return buffer, self._generation
-                buffer.free()  # Too small: retired by a resize.
-                self._count -= 1
-            if self._count < self.capacity:
-                self._count += 1
-                self.high_water = max(self.high_water, self._count)
-                try:
-                    buffer = self.allocate(self._nbytes)
-                except BaseException:
-                    self._count -= 1
-                    raise
-                self.allocations += 1
-                return buffer, self._generation
-            return None, self._generation
+            self._nbytes = max(self._nbytes, nbytes)
+            self._retire_free()
+            generation = self._generation
+            if self._free:
+                return self._free.pop(), generation
+            if self._count >= self.capacity:
+                return None, generation
+            self._count += 1
+            size = self._nbytes
+        return self._new(size), generation
 
     def prefill(self) -> None:
         """Allocates the next buffer in the background if the pool may
@@ -316,27 +338,16 @@ class BufferPool:
                         and self._prefill.is_alive())):
                 return
             self._count += 1  # Its slot, taken now: the bound holds.
-            nbytes = self._nbytes
             self._prefill = threading.Thread(
-                target=self._allocate_free, args=(nbytes,),
+                target=self._allocate_free, args=(self._nbytes,),
                 name="asynccb-prefill", daemon=True)
             self._prefill.start()
 
     def _allocate_free(self, nbytes: int) -> None:
-        try:
-            buffer = self.allocate(nbytes)
-        except BaseException:
-            # The slot is given back; the snapshot that needs a buffer will
-            # allocate it itself and raise what this raised.
-            with self._cond:
-                self._count -= 1
-            raise
-        with self._cond:
-            self.allocations += 1
-            self.high_water = max(self.high_water, self._count)
-            self._free.append(buffer)
-            self._generation += 1
-            self._cond.notify_all()
+        # On failure `_new` gives the slot back and this thread reports the
+        # error; the snapshot that needs a buffer allocates it itself and
+        # raises what this raised.
+        self.release(self._new(nbytes))
 
     def wait(self, generation: int) -> None:
         """Blocks until a release or `interrupt` after `generation`."""
@@ -352,11 +363,8 @@ class BufferPool:
 
     def release(self, buffer: Buffer) -> None:
         with self._cond:
-            if buffer.nbytes >= self._nbytes:
-                self._free.append(buffer)
-            else:
-                buffer.free()
-                self._count -= 1
+            self._free.append(buffer)
+            self._retire_free()
             self._generation += 1
             self._cond.notify_all()
 
@@ -370,11 +378,11 @@ class BufferPool:
             self._prefill.join()
             self._prefill = None
         with self._cond:
+            self._nbytes = 0
             for buffer in self._free:
                 buffer.free()
             self._count -= len(self._free)
             self._free.clear()
-            self._nbytes = 0
 
 
 class Snapshot:

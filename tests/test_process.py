@@ -300,3 +300,38 @@ def test_worker_is_set_apart_and_state_comes_back():
     assert callback.threads == 1
     assert callback.niceness > os.nice(0)
     assert callback.epochs == 3  # The worker's state, copied back.
+
+
+class KernelAtEpochEnd(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.kernels = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.kernels[epoch] = self.model.get_weights()[0]
+
+
+def test_process_lane_appended_to_a_list_at_work():
+    """Snapshot buffers so far were private (thread lanes only): a worker
+    process joining the run must get its snapshots in shared memory."""
+    from asynccb import AsyncCallbackList
+
+    model = _model(Doubler())
+    in_thread, in_process = KernelAtEpochEnd(), KernelAtEpochEnd()
+    callbacks = AsyncCallbackList(
+        [AsyncCallback(in_thread, executor="thread", state="weights")],
+        model=model)
+    x, y = mnist_like(64)
+    callbacks.on_train_begin()
+    for epoch in range(3):
+        if epoch == 1:
+            callbacks.append(AsyncCallback(in_process, executor="process",
+                                           state="weights"))
+        callbacks.on_epoch_begin(epoch)
+        logs = model.train_on_batch(x, y, return_dict=True)
+        callbacks.on_epoch_end(epoch, logs)
+    callbacks.on_train_end()
+    assert sorted(in_process.kernels) == [1, 2]
+    for epoch in (1, 2):
+        np.testing.assert_array_equal(in_process.kernels[epoch],
+                                      in_thread.kernels[epoch])
