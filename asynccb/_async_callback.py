@@ -236,17 +236,10 @@ class AsyncCallback(keras.callbacks.Callback):
 
     def _hook(self, hook: str, args: tuple, logs: Any) -> None:
         if not self._owns_dispatcher:
-            self.dispatch(hook, args, logs)
+            self.dispatch(hook, args, logs)  # The list frames the call.
             return
-        dispatcher = self._dispatcher
-        try:
-            dispatcher.check()
+        with self._dispatcher.dispatching():
             self.dispatch(hook, args, logs)
-        except BaseException as exc:
-            dispatcher.close(cancel=isinstance(exc, KeyboardInterrupt))
-            raise
-        finally:
-            dispatcher.end_dispatch()
 
     def _begin(self) -> None:
         if self._owns_dispatcher:

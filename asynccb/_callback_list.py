@@ -226,8 +226,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
     def _call(self, hook: str, args: tuple, logs: Any) -> None:
         dispatcher = self._dispatcher
         logs = pythonify_logs(logs)
-        try:
-            dispatcher.check()
+        with dispatcher.dispatching():
             for callback in self.callbacks:
                 if self._is_offloaded(callback):
                     callback.dispatch(hook, args, logs)
@@ -239,11 +238,6 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
                     # It may have changed the weights: later offloaded
                     # callbacks of this hook need a fresh snapshot.
                     dispatcher.end_dispatch()
-        except BaseException as exc:
-            dispatcher.close(cancel=isinstance(exc, KeyboardInterrupt))
-            raise
-        finally:
-            dispatcher.end_dispatch()
 
     def _changing_hooks(self, callback: Any) -> frozenset:
         key = id(callback)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from asynccb._async_executor import AsyncExecutor
 from asynccb._channel import release_all
@@ -315,6 +316,21 @@ class Dispatcher:
             model.optimizer.learning_rate = effects["learning_rate"]
 
     # Dispatch (training thread).
+
+    @contextlib.contextmanager
+    def dispatching(self) -> Iterator[None]:
+        """Frames one hook call from Keras: a failure of an earlier hook is
+        raised first; an exception during the call stops the workers (their
+        queues discarded on Ctrl-C, finished otherwise); the sharing window
+        of the call's snapshot closes at its end."""
+        try:
+            self.check()
+            yield
+        except BaseException as exc:
+            self.close(cancel=isinstance(exc, KeyboardInterrupt))
+            raise
+        finally:
+            self.end_dispatch()
 
     def end_dispatch(self) -> None:
         """Ends the sharing window of the current dispatch's snapshot."""
