@@ -9,6 +9,7 @@ live model at dispatch would have written.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,8 +151,14 @@ class ModelBlueprint:
     def build(self) -> Any:
         """Rebuilds the model: built and compiled as the original was, with
         its optimizer built only if the original's was (a saved file lists
-        the optimizer variables that exist)."""
-        config = dict(self.config)
+        the optimizer variables that exist).
+
+        The blueprint is left as it was: one blueprint serves every lane of
+        a run, and Keras' `from_config` pops keys out of the config it is
+        given (a functional model's layers and inputs), so each build works
+        on its own copy.
+        """
+        config = copy.deepcopy(self.config)
         compile_config = config.pop("compile_config", None)
         with keras.saving.CustomObjectScope(self.custom_objects):
             # The config is our own, taken from the user's live model, so

@@ -126,3 +126,53 @@ def test_snapshot_buffers_are_reused(tmp_path, executor):
     model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
     assert callbacks.stats().snapshots == 16
     assert pool.allocations <= 4  # Freed at the end of a run, then reused.
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_building_a_shadow_leaves_the_blueprint_intact(kind):
+    """One blueprint serves every lane of a list: a thread lane building its
+    shadow must not consume what a process lane sends later (Keras'
+    `from_config` pops a functional model's layers out of its config)."""
+    import copy
+
+    from asynccb._shadow import ModelBlueprint
+
+    blueprint = ModelBlueprint.of(make_model(kind))
+    before = copy.deepcopy(blueprint.config)
+    blueprint.build()
+    assert blueprint.config == before
+    blueprint.build()  # And it builds again.
+
+
+def test_thread_and_process_lanes_share_a_functional_model(tmp_path):
+    """The reported failure: a prediction check on a thread beside
+    auto-offloaded checkpoints (process) in one list, functional model."""
+    from artifacts import assert_same_checkpoints
+
+    class Check(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.sums = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            x = np.ones((2, 784), np.float32)
+            self.sums.append(float(self.model.predict(x, verbose=0).sum()))
+
+    x, y = mnist_like(128)
+    runs = {}
+    for name in ("plain", "ours"):
+        out = tmp_path / name
+        out.mkdir()
+        model = make_model("functional")
+        check = Check()
+        callbacks = [check, keras.callbacks.ModelCheckpoint(
+            str(out / "{epoch}.keras"))]
+        if name == "ours":
+            callbacks = AsyncCallbackList(
+                [AsyncCallback(check, executor="thread"), callbacks[1]],
+                add_history=True, model=model)
+        model.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                  callbacks=callbacks)
+        runs[name] = (out, check.sums)
+    assert len(assert_same_checkpoints(runs["plain"][0], runs["ours"][0])) == 2
+    assert runs["ours"][1] == runs["plain"][1]
