@@ -284,8 +284,27 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             self._step_start[mode] = now
 
     def _begin(self, hook: str, logs: Any) -> None:
+        self._check_model()
         self._dispatcher.begin()
         self._call(hook, (), logs)
+
+    def _check_model(self) -> None:
+        """Raises before the run if offloaded callbacks need a model and the
+        list has none: Keras gives its model to the callback lists it
+        makes, not to one it is given, and the callbacks would fail later,
+        in their workers."""
+        if self._dispatcher.model is not None:
+            return
+        needing = [lane.name for lane in self._dispatcher.lanes
+                   if lane.uses_model]
+        if needing:
+            raise ValueError(
+                f"AsyncCallbackList has no model, and {', '.join(needing)} "
+                "need one. `fit`, `evaluate` and `predict` do not give their "
+                "model to a callback list they are passed: pass it when you "
+                "make the list, `AsyncCallbackList(callbacks, model=model, "
+                "...)`. Received: model=None"
+            )
 
     def _end(self, hook: str, logs: Any) -> None:
         self._call(hook, (), logs)

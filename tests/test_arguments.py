@@ -135,3 +135,41 @@ def test_unrebuildable_model_fails_before_training(tmp_path):
     message = str(caught.value)
     assert "layer 'no_config' (NoConfig)" in message
     assert "does not implement `get_config()`" in message
+
+
+def test_callback_list_without_model_fails_before_training(tmp_path):
+    """Keras does not give its model to a list it is passed: say so, and
+    what to do, before the first step, instead of an AttributeError in a
+    worker."""
+    from conftest import worker_processes
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((8, 4), "float32")
+    seen = []
+
+    class Counts(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(batch)
+
+    callbacks = AsyncCallbackList(
+        [Counts(), keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras")),
+         _csv(tmp_path)], add_history=True)
+    with pytest.raises(ValueError) as caught:
+        model.fit(x, x[:, :2], epochs=2, verbose=0, callbacks=callbacks)
+    assert seen == []
+    message = str(caught.value)
+    assert "ModelCheckpoint need one" in message  # Not CSVLogger: it needs none.
+    assert "AsyncCallbackList(callbacks, model=model, ...)" in message
+    assert message.endswith("Received: model=None")
+    assert worker_processes() == []
+    assert not (tmp_path / "m.keras").exists()
+
+    # A list whose offloaded callbacks need no model works without one (in
+    # a hand-written loop: `fit` itself needs a History on the model).
+    callbacks = AsyncCallbackList([_csv(tmp_path)])
+    callbacks.on_train_begin()
+    callbacks.on_epoch_end(0, {"loss": 0.5})
+    callbacks.on_train_end()
+    assert (tmp_path / "log.csv").read_text().splitlines() == [
+        "epoch,loss,val_loss", "0,0.5,NA"]  # As Keras writes it.
