@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["AsyncCallbackError", "WorkerDiedError", "RemoteTraceback"]
+__all__ = [
+    "AsyncCallbackError",
+    "WorkerDiedError",
+    "RemoteTraceback",
+    "RemoteError",
+]
 
 _base_cause = BaseException.__dict__["__cause__"]
 
@@ -82,6 +87,36 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.text}"""'
+
+
+class RemoteError(Exception):
+    """Stands in for an exception raised in a worker process that cannot be
+    rebuilt in the training process (its class does not pickle, or does not
+    unpickle here: an `__init__` with other arguments than its `args`, a
+    module that does not import here).
+
+    Its text holds what is known of the original: the type's name, the
+    message and the worker's traceback.
+
+    Attributes:
+        type_name: The original exception's type, qualified by its module.
+        message: The original exception's `str()`.
+        traceback: The worker's formatted traceback.
+        reason: Why the original could not be rebuilt.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str,
+                 reason: str = "") -> None:
+        super().__init__(type_name, message, traceback, reason)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"{self.type_name}: {self.message}{why}\n"
+                f"Traceback in the worker:\n{self.traceback}")
 
 
 def _signal_name(exitcode: int | None) -> str | None:

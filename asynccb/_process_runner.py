@@ -167,14 +167,16 @@ class ProcessRunner:
             os.close(lifeline_read)
         self._conn = Connection(ours.detach())
         self.sentinel = _sentinel(self.process.pid)
-        self._send(("init", list(sys.path), self.deferred_control,
-                    self.capacity))
+        self._send("init", cloudpickle.dumps(
+            (list(sys.path), self.deferred_control, self.capacity)))
         reply = self._receive("starting")
         if reply[0] == "error":
             raise decode_exception(reply[1])
 
-    def _send(self, message: tuple) -> None:
-        self._conn.send_bytes(cloudpickle.dumps(message))
+    def _send(self, kind: str, *parts: bytes | None) -> None:
+        # Parts travel as bytes, so the worker can load each where its
+        # failure is reported rather than die on the envelope.
+        self._conn.send_bytes(pickle.dumps((kind, *parts)))
 
     def _receive(self, doing: str) -> tuple:
         ready = wait([self._conn] + ([self.sentinel] if self.sentinel else []))
@@ -200,8 +202,8 @@ class ProcessRunner:
         """Runs `task` in the worker; returns its control effects."""
         if task.model is not None:
             if task.model is not self._blueprint:
-                self._send(("blueprint", dumps_for_worker(
-                    task.model, task.model.custom_objects.values())))
+                self._send("blueprint", dumps_for_worker(
+                    task.model, task.model.custom_objects.values()))
                 self._blueprint = task.model
             model = USE_BLUEPRINT
         else:
@@ -217,7 +219,7 @@ class ProcessRunner:
         if task.kind in ("set_model", "attach"):
             # The callback as it is when its run starts, sent with its model.
             payload, self.payload = self.payload, None
-        self._send(("task", remote, payload))
+        self._send("task", cloudpickle.dumps(remote), payload)
         try:
             reply = self._receive(f"running {task.describe()}")
         except WorkerDiedError:
@@ -231,7 +233,7 @@ class ProcessRunner:
     def finish(self) -> None:
         """Copies the worker's callback state back onto the user's object,
         so that after `fit` it holds what plain Keras would have left."""
-        self._send(("finish",))
+        self._send("finish")
         _, state = self._receive("returning the callback's state")
         if self.callback is not None:
             self.callback.__dict__.update(state)
@@ -243,7 +245,7 @@ class ProcessRunner:
             return
         if process.poll() is None:
             try:
-                self._send(("stop",))
+                self._send("stop")
             except OSError:
                 pass  # It is exiting already; wait below.
             try:

@@ -7,8 +7,9 @@ the training process handles), then serves tasks from the training process until
 training process dies: the lifeline pipe's end closes with it, and the
 worker exits within moments.
 
-Messages (cloudpickled) from the training process:
-    ("init", sys.path, deferred_control, capacity)
+Messages from the training process: a pickled envelope of a kind and
+cloudpickled parts, each loaded in the worker where its errors are reported:
+    ("init", (sys.path, deferred_control, capacity))
     ("blueprint", ModelBlueprint)      the shadow's source, when it changes
     ("task", Task, callback or None)   snapshot as a `SnapshotRef`; with
                                        `set_model`, the cloudpickled callback
@@ -84,25 +85,52 @@ def _exit_with_parent(lifeline: int) -> None:
     os._exit(0)
 
 
-def encode_exception(exc: BaseException) -> tuple[bytes, str]:
-    """`exc` pickled, with its formatted traceback (which does not pickle);
-    a `RuntimeError` naming its type stands in if it cannot be pickled.
+def _qualified_name(cls: type) -> str:
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as str_exc:  # The user's `__str__` itself failed.
+        return f"<str() raised {type(str_exc).__name__}: {str_exc}>"
+
+
+EncodedException = tuple  # (pickled or None, type name, message, traceback)
+
+
+def encode_exception(exc: BaseException) -> EncodedException:
+    """`exc` as plain data that always crosses to the training process: the
+    exception pickled (or `None` if it cannot be), its type's name, its
+    message and its formatted traceback (which does not pickle).
     `decode_exception` puts them back together."""
     text = "".join(traceback.format_exception(type(exc), exc,
                                               exc.__traceback__))
     try:
-        return pickle.dumps(exc), text
-    except Exception:  # The user's exception type cannot travel.
-        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}")), text
+        data = pickle.dumps(exc)
+    except Exception:  # Rebuilt as a `RemoteError` from the rest.
+        data = None
+    return data, _qualified_name(type(exc)), _message(exc), text
 
 
-def decode_exception(encoded: tuple[bytes, str]) -> BaseException:
+def decode_exception(encoded: EncodedException) -> BaseException:
     """The worker's exception, with its traceback as a `RemoteTraceback`
-    cause (as `concurrent.futures` does)."""
-    from asynccb._errors import RemoteTraceback
+    cause (as `concurrent.futures` does); a `RemoteError` holding its type
+    name, message and traceback if it cannot be rebuilt here."""
+    from asynccb._errors import RemoteError, RemoteTraceback
 
-    data, text = encoded
-    exc = pickle.loads(data)
+    data, type_name, message, text = encoded
+    if data is None:
+        return RemoteError(type_name, message, text,
+                           "it could not be pickled in the worker")
+    try:
+        exc = pickle.loads(data)
+    except Exception as load_exc:
+        return RemoteError(
+            type_name, message, text, "it could not be rebuilt in the "
+            f"training process: {type(load_exc).__name__}: {load_exc}")
     exc.__cause__ = RemoteTraceback(text)
     return exc
 
@@ -132,42 +160,52 @@ def main(conn: Any, lifeline: int) -> None:
     from asynccb._shared_memory import SharedBuffers
     from asynccb._tasks import TaskRunner
 
-    _, path, deferred_control, capacity = pickle.loads(conn.recv_bytes())
+    _, init = pickle.loads(conn.recv_bytes())
+    path, deferred_control, capacity = pickle.loads(init)
     sys.path[:] = path  # Where the training process finds the user's code.
     runner = TaskRunner(None, deferred_control)
     buffers = SharedBuffers(capacity)
-    blueprint = None
+    blueprint_data, blueprint = None, None
     conn.send(("ready",))
     try:
         while True:
-            message = pickle.loads(conn.recv_bytes())
-            kind = message[0]
+            # The envelope holds only names and bytes: it always loads.
+            # What is inside may not (a class that does not import here, a
+            # segment gone), so it is loaded where errors are reported.
+            kind, *parts = pickle.loads(conn.recv_bytes())
             if kind == "stop":
                 break
             if kind == "blueprint":
-                blueprint = pickle.loads(message[1])
+                blueprint_data, blueprint = parts[0], None
                 continue
             if kind == "finish":
                 conn.send(("state", _callback_state(runner.callback)
                            if runner.callback is not None else {}))
                 continue
-            _, task, payload = message
-            if task.model == USE_BLUEPRINT:
-                task.model = blueprint
-            snapshot = task.snapshot
-            if snapshot is not None:
-                snapshot.data = np.empty(0, np.uint8) if snapshot.name is None \
-                    else buffers.array(snapshot.name, snapshot.layout.nbytes)
+            task_data, callback_data = parts
+            task = None
             try:
-                if payload is not None:  # E.g. its class cannot import here.
-                    runner.callback = pickle.loads(payload)
+                task = pickle.loads(task_data)
+                if task.model == USE_BLUEPRINT:
+                    if blueprint is None:
+                        blueprint = pickle.loads(blueprint_data)
+                    task.model = blueprint
+                snapshot = task.snapshot
+                if snapshot is not None:
+                    snapshot.data = (
+                        np.empty(0, np.uint8) if snapshot.name is None
+                        else buffers.array(snapshot.name,
+                                           snapshot.layout.nbytes))
+                if callback_data is not None:
+                    runner.callback = pickle.loads(callback_data)
                 effects = runner.run(task)
             except BaseException as exc:
                 conn.send(("error", encode_exception(exc)))
             else:
                 conn.send(("done", effects))
             finally:
-                task.snapshot = None
+                if task is not None:
+                    task.snapshot = None
     finally:
         runner.close()
         buffers.close()
@@ -182,4 +220,9 @@ def main(conn: Any, lifeline: int) -> None:
 if __name__ == "__main__":
     from multiprocessing.connection import Connection
 
-    main(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    # Run as the importable module, not as `__main__`: the messages name its
+    # classes (`SnapshotRef`), which would otherwise load it a second time,
+    # mid-run.
+    from asynccb._process_worker import main as _main
+
+    _main(Connection(int(sys.argv[1])), int(sys.argv[2]))
