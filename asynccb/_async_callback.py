@@ -57,7 +57,8 @@ class AsyncCallback(keras.callbacks.Callback):
             run, the model rebuilt there, snapshots passed through shared
             memory; it stops competing with training for the GIL), or
             `"async"` (a task in an anyio event loop; `async def` hooks are
-            awaited there, plain ones run in anyio's worker threads).
+            awaited there, plain ones run on a thread of the callback's
+            own).
             Defaults to `"process"` for a ModelCheckpoint and `"thread"`
             for anything else (see the README's benchmark).
         max_pending: The most hooks that may wait in its queue.
@@ -197,6 +198,8 @@ class AsyncCallback(keras.callbacks.Callback):
         super().set_model(model)
         lane = self._lane
         lane.live_model = model
+        if lane.summaries is not None:
+            lane.summaries.close()  # Keras' TensorBoard starts afresh too.
         if self._owns_dispatcher:
             self._dispatcher.set_model(model)
         if lane.saves_only:
@@ -205,7 +208,8 @@ class AsyncCallback(keras.callbacks.Callback):
         else:
             lane.runner.prepare_callback()  # Before training: may raise.
         lane.attached = True
-        self._dispatcher.submit(lane, "set_model", "set_model")
+        self._dispatcher.submit(lane, "set_model", "set_model",
+                                level=lane.setup_level)
 
     def set_params(self, params: Any) -> None:
         super().set_params(params)
@@ -228,6 +232,8 @@ class AsyncCallback(keras.callbacks.Callback):
         """Sends one hook call to the worker (or, for saves-only callbacks,
         runs its decision inline). Used as is by `AsyncCallbackList`."""
         lane = self._lane
+        if lane.summaries is not None:
+            lane.summaries.hook(hook)
         if lane.saves_only:
             call_hook(self.callback, hook, args, logs)
         elif hook in lane.hooks:

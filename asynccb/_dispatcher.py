@@ -164,7 +164,7 @@ class Dispatcher:
             lane.callback._model = lane.offloaded_model
         else:
             lane.runner.prepare_callback()
-            self.submit(lane, "attach", "attach")
+            self.submit(lane, "attach", "attach", level=lane.setup_level)
 
     def _start_lane(self, lane: Lane) -> None:
         lane.channel.open()
@@ -364,18 +364,22 @@ class Dispatcher:
             lane.record_drops(dropped)
             if lane.error is not None:
                 self.check()
-        task = Task(kind, name, args, copy_logs(logs), kwargs or {})
+        with_snapshot = level > StateLevel.NONE and self.model is not None
+        blueprint = None
+        if lane.uses_model and (
+            with_snapshot or kind in ("set_model", "attach", "save")
+        ):
+            blueprint = self.blueprint()  # May raise: before any worker.
+        if not self._running:
+            # Workers start as soon as the model is known; before the first
+            # snapshot, whose buffer must be one a worker process can map.
+            self.start()
+        task = Task(kind, name, args, copy_logs(logs), kwargs or {},
+                    model=blueprint)
         snapshot_s = 0.0
-        if level > StateLevel.NONE and self.model is not None:
+        if with_snapshot:
             task.snapshot, snapshot_s, waited = self._snapshot(level, lane)
             blocked += waited
-        if lane.uses_model and (
-            kind in ("set_model", "attach", "save")
-            or task.snapshot is not None
-        ):
-            task.model = self.blueprint()
-        if not self._running:
-            self.start()  # Workers start as soon as the model is known.
         lane.channel.put(task)
         lane.dispatched += 1
         elapsed = time.perf_counter() - start

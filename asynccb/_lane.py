@@ -5,9 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable
-
-import anyio.to_thread
+from typing import Any, Awaitable, Callable
 
 from asynccb._channel import Channel, release_all
 from asynccb._hooks import effective_hooks
@@ -16,10 +14,12 @@ from asynccb._roles import (
     StateSpec,
     offloads_saves,
     quiet_hooks,
+    setup_state,
     state_planner,
     uses_model,
 )
 from asynccb._snapshot import StateLevel
+from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
 from asynccb._tasks import Task, TaskRunner
 
@@ -68,7 +68,13 @@ class Lane:
             (lambda hook, args: StateLevel.NONE) if self.saves_only
             else state_planner(callback, state)
         )
+        # What the shadow holds when the callback gets it.
+        self.setup_level = (
+            setup_state(callback, state)
+            if self.uses_model and not self.saves_only else StateLevel.NONE)
         self.channel = Channel(max_pending)
+        # What stays on the training thread of an offloaded TensorBoard.
+        self.summaries = in_graph_summaries(callback)
         # In the worker, a callback whose saves only are offloaded is not
         # there at all: only its shadow model is.
         remote_callback = None if self.saves_only else callback
@@ -143,6 +149,8 @@ class Lane:
             self.callback._model = self.live_model
         self.attached = False
         self.runner.close()
+        if self.summaries is not None:
+            self.summaries.close()
 
     def stats(self) -> CallbackStats:
         return CallbackStats(
@@ -200,22 +208,23 @@ class Lane:
         finally:
             self._release(task)
 
-    async def run_async(self, task: Task) -> None:
+    async def run_async(
+        self, task: Task, run_sync: Callable[..., Awaitable[Any]]
+    ) -> None:
         """Runs one task in the event loop: coroutine hooks are awaited,
-        plain ones (and snapshot copies) run in anyio's worker threads."""
+        plain ones (and snapshot copies) run with `run_sync`, which awaits
+        a call made on the lane's thread."""
         try:
             if self.error is not None:
                 self.cancelled += 1
                 return
             start = time.perf_counter()
             try:
-                before = await anyio.to_thread.run_sync(
-                    self.runner.prepare, task
-                )
+                before = await run_sync(self.runner.prepare, task)
                 if self.runner.is_coroutine_hook(task):
                     await self.runner.invoke(task)
                 else:
-                    await anyio.to_thread.run_sync(self.runner.invoke, task)
+                    await run_sync(self.runner.invoke, task)
                 effects = self.runner.effects(task, before)
             except Exception as exc:  # Cancellation must propagate.
                 self.fail(task.describe(), exc)

@@ -20,6 +20,7 @@ __all__ = [
     "state_planner",
     "model_changing_hooks",
     "quiet_hooks",
+    "setup_state",
 ]
 
 _cb = keras.callbacks
@@ -199,6 +200,26 @@ def state_planner(
         return lambda hook, args: levels.get(hook, StateLevel.NONE)
     level = StateLevel.parse(declared, "state")
     return lambda hook, args: level
+
+
+def setup_state(callback: Any, declared: StateSpec | None) -> StateLevel:
+    """What the shadow holds when `callback` is given it (`set_model`).
+
+    In plain Keras `set_model` sees the live model as it is then: a second
+    `fit` hands over a model whose optimizer has stepped and whose learning
+    rate may have changed, and TensorBoard writes the model's config, the
+    learning rate included, right there. The optimizer's scalars are a few
+    bytes. A callback whose state is declared is taken at its word: its
+    hooks say what it needs, and `set_model` is not one of them; the other
+    built-ins read nothing there.
+    """
+    if declared is not None or getattr(callback, "asynccb_state", None):
+        return StateLevel.NONE
+    if isinstance(callback, _cb.TensorBoard):
+        return StateLevel.SCALARS
+    if _builtin_planner(callback) is not None:
+        return StateLevel.NONE
+    return StateLevel.SCALARS
 
 
 def quiet_hooks(callback: Any) -> frozenset[str]:

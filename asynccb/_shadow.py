@@ -106,11 +106,16 @@ class ModelBlueprint:
         layer_names: The names of the nested layers, in walk order. A
             rebuilt subclassed model names its sublayers afresh (Keras
             counts names per thread), and saved files use these names.
+        weight_paths: The paths of the model's weights (`variable.path`,
+            fixed when a layer is built, from the name scopes then open):
+            TensorBoard's histograms are tagged with them, and a rebuilt
+            model would name them after its own build.
     """
 
     config: dict
     custom_objects: dict[str, Any] = field(default_factory=dict)
     layer_names: list[str] = field(default_factory=list)
+    weight_paths: list[str] = field(default_factory=list)
     variable_count: int = 0
     optimizer_built: bool = False
 
@@ -138,6 +143,7 @@ class ModelBlueprint:
             config=config,
             custom_objects=_custom_objects(model),
             layer_names=[layer.name for layer in _sublayers(model)],
+            weight_paths=[weight.path for weight in model.weights],
             variable_count=_variable_count(model),
             optimizer_built=bool(getattr(model.optimizer, "built", False))
             if getattr(model, "optimizer", None) is not None else False,
@@ -172,6 +178,10 @@ class ModelBlueprint:
         if len(layers) == len(self.layer_names):
             for layer, name in zip(layers, self.layer_names):
                 layer.name = name
+        weights = model.weights
+        if len(weights) == len(self.weight_paths):
+            for weight, path in zip(weights, self.weight_paths):
+                weight._path = path  # No public setter: `path` is fixed.
         return model
 
 

@@ -117,6 +117,8 @@ class TaskRunner:
             self.shadow.set_blueprint(task.model)
         if task.kind in _SETUP:
             self.shadow.get()  # Build now, ahead of the first snapshot.
+            if task.snapshot is not None:
+                self.shadow.apply(task.snapshot)
             return None
         model = self.shadow.model
         if task.snapshot is not None:

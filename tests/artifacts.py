@@ -64,3 +64,34 @@ def tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict]:
                     scalar = tf.make_ndarray(value.tensor).item()
                     scalars[(value.tag, event.step)] = scalar
     return runs
+
+
+def tensorboard_events(log_dir: str | os.PathLike) -> dict[str, list[tuple]]:
+    """Per run subdirectory, every event that holds data, as sorted
+    `(tag, step, plugin, value)` tuples, whichever of the run's event files
+    holds it (TensorBoard reads them all): scalars as floats, other
+    summaries as their tensor's bytes, a graph as `("<graph>", step, "",
+    its bytes)`. Wall times and file names, which differ between any two
+    runs, are left out."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    runs: dict[str, list[tuple]] = {}
+    for event_file in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        events = runs.setdefault(
+            str(event_file.parent.relative_to(log_dir)), [])
+        for record in tf.data.TFRecordDataset(str(event_file)):
+            event = event_pb2.Event.FromString(record.numpy())
+            if event.graph_def:
+                events.append(("<graph>", event.step, "", event.graph_def))
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                tensor = tf.make_ndarray(value.tensor)
+                if plugin == "scalars":
+                    data = tensor.item()
+                elif tensor.dtype == object:  # Strings: the model's JSON.
+                    data = repr(tensor.tolist())
+                else:
+                    data = tensor.tobytes()
+                events.append((value.tag, event.step, plugin, data))
+    return {run: sorted(events) for run, events in runs.items()}
