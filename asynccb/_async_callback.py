@@ -18,7 +18,7 @@ from asynccb._options import (
     check_policy,
     check_positive_int,
 )
-from asynccb._process_runner import pickle_callback
+from asynccb._executors import get_executor
 from asynccb._roles import StateSpec, default_executor, is_control
 from asynccb._saving import OffloadedSavesModel
 from asynccb._snapshot import StateLevel
@@ -115,6 +115,7 @@ class AsyncCallback(keras.callbacks.Callback):
         if executor is None:
             executor = default_executor(callback)
         check_choice("executor", executor, EXECUTORS)
+        kind = get_executor(executor)
         check_positive_int("max_pending", max_pending)
         check_positive_int("max_snapshots", max_snapshots)
         check_policy(on_full)
@@ -131,24 +132,27 @@ class AsyncCallback(keras.callbacks.Callback):
             hook for hook in effective_hooks(callback)
             if inspect.iscoroutinefunction(getattr(callback, hook))
         )
-        if coroutine_hooks and executor != "async":
+        if coroutine_hooks and not kind.runs_coroutines:
+            awaiting = [name for name in EXECUTORS
+                        if get_executor(name).runs_coroutines]
             raise ValueError(
                 f"{type(callback).__name__} has `async def` hooks "
-                f"({', '.join(coroutine_hooks)}), which only the async "
-                "executor awaits: pass executor='async'. "
+                f"({', '.join(coroutine_hooks)}), which the {executor!r} "
+                "executor does not await: pass executor="
+                f"{' or '.join(map(repr, awaiting))}. "
                 f"Received: executor={executor!r}"
             )
         self.callback = callback
         self._lane = Lane(
             callback,
-            executor=executor,
+            executor=kind,
             max_pending=max_pending,
             on_full=on_full,
             state=state,
             deferred_control=deferred_control,
         )
-        if executor == "process" and not self._lane.saves_only:
-            pickle_callback(callback)  # Fails now if it cannot travel.
+        if not self._lane.saves_only:
+            kind.check(callback)  # Fails now if it cannot run there.
         self._dispatcher = Dispatcher(max_snapshots)
         self._dispatcher.add_lane(self._lane)
         self._owns_dispatcher = True

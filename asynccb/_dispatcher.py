@@ -9,9 +9,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from asynccb._async_executor import AsyncExecutor
 from asynccb._channel import release_all
 from asynccb._errors import AsyncCallbackError, WorkerDiedError
 from asynccb._hooks import copy_logs
@@ -27,19 +26,13 @@ from asynccb._snapshot import (
 )
 from asynccb._stats import CallbackStats
 from asynccb._tasks import Task
-from asynccb._process_executor import ProcessExecutor
-from asynccb._shared_memory import allocate_shared
-from asynccb._thread_executor import ThreadExecutor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._executors.base import Executor
 
 __all__ = ["Dispatcher"]
 
 logger = logging.getLogger("asynccb")
-
-_EXECUTORS = {
-    "thread": ThreadExecutor,
-    "process": ProcessExecutor,
-    "async": AsyncExecutor,
-}
 
 # How often the run watch looks whether `fit` is still on the stack. It only
 # matters when `fit` raised past our hooks: then it bounds how long the
@@ -72,7 +65,7 @@ class Dispatcher:
         self._blueprint: ModelBlueprint | None = None
         self._shared: Snapshot | None = None
         self._depth = 0
-        self._executors: dict[str, Any] = {}
+        self._executors: dict[str, Executor] = {}
         self._running = False
         self._lifecycle = threading.RLock()
         self._watch: _RunWatch | None = None
@@ -151,7 +144,9 @@ class Dispatcher:
             if self._running:
                 return
             self._running = True
-            self.pool.use(allocate_private)  # Shared if a process lane starts.
+            # Private memory, unless a lane's workers are in another
+            # process (see `_start_lane`).
+            self.pool.use(allocate_private)
             for lane in self.lanes:
                 self._start_lane(lane)
 
@@ -169,15 +164,16 @@ class Dispatcher:
     def _start_lane(self, lane: Lane) -> None:
         lane.channel.open()
         lane.runner.capacity = self.pool.capacity + 1
-        if lane.executor == "process":
-            # A worker process reads snapshots in place: shared memory, for
-            # every lane of the run, from now on (also when the lane joins
-            # a list already at work, whose free buffers are private).
-            self.pool.use(allocate_shared)
-        executor = self._executors.get(lane.executor)
+        kind = lane.kind
+        if kind.crosses_processes:
+            # Its workers read snapshots in place, from another process:
+            # every snapshot of the run goes to memory they can map, from
+            # now on (also when the lane joins a list already at work,
+            # whose free buffers are private).
+            self.pool.use(kind.allocate)
+        executor = self._executors.get(kind.name)
         if executor is None:
-            executor = self._executors[lane.executor] = _EXECUTORS[
-                lane.executor]()
+            executor = self._executors[kind.name] = kind()
         executor.start(lane)
 
     def close(self, cancel: bool = False) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from asynccb._channel import Channel, release_all
 from asynccb._hooks import effective_hooks
-from asynccb._process_runner import ProcessRunner
 from asynccb._roles import (
     StateSpec,
     offloads_saves,
@@ -21,7 +20,10 @@ from asynccb._roles import (
 from asynccb._snapshot import StateLevel
 from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
-from asynccb._tasks import Task, TaskRunner
+from asynccb._tasks import Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._executors.base import Executor
 
 __all__ = ["Lane"]
 
@@ -38,7 +40,7 @@ class Lane:
 
     Args:
         callback: The wrapped `keras.callbacks.Callback`.
-        executor: The executor's name.
+        executor: The executor class (see `asynccb._executors`).
         max_pending: The queue bound.
         on_full: The full-queue policy.
         state: The declared state needs, or `None` to infer them.
@@ -50,7 +52,7 @@ class Lane:
         self,
         callback: Any,
         *,
-        executor: str,
+        executor: type[Executor],
         max_pending: int,
         on_full: str,
         state: StateSpec | None,
@@ -58,7 +60,8 @@ class Lane:
     ):
         self.callback = callback
         self.name = type(callback).__name__
-        self.executor = executor
+        self.kind = executor
+        self.executor = executor.name
         self.policy = on_full
         self.saves_only = offloads_saves(callback)
         self.uses_model = uses_model(callback)
@@ -78,10 +81,7 @@ class Lane:
         # In the worker, a callback whose saves only are offloaded is not
         # there at all: only its shadow model is.
         remote_callback = None if self.saves_only else callback
-        if executor == "process":
-            self.runner = ProcessRunner(remote_callback, deferred_control)
-        else:
-            self.runner = TaskRunner(remote_callback, deferred_control)
+        self.runner = executor.runner(remote_callback, deferred_control)
         self.live_model: Any = None
         # What the callback's `model` is while offloaded (for saves-only
         # callbacks, a stand-in that offloads saves); whether it has it.

@@ -7,10 +7,9 @@ from typing import Any
 import keras
 
 from asynccb._channel import POLICIES
+from asynccb._executors import EXECUTORS
 
 __all__ = ["EXECUTORS", "check_callback", "check_choice", "check_positive_int"]
-
-EXECUTORS = ("thread", "process", "async")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

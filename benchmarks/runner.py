@@ -16,7 +16,7 @@ import time
 import keras
 
 from asynccb import AsyncCallback
-from asynccb._shared_memory import allocate_shared
+from asynccb._executors.process.shared_memory import allocate_shared
 from asynccb._snapshot import (
     StateLayout,
     StateLevel,

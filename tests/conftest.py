@@ -26,7 +26,7 @@ def worker_processes() -> list[tuple[int, str]]:
     from crossproc import children_of
 
     return [(pid, command) for pid, command in children_of(os.getpid())
-            if "asynccb._process_worker" in command]
+            if "asynccb._executors.process.worker" in command]
 
 
 def shared_segments(pid: int | None = None) -> list[str]:

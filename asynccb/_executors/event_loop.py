@@ -17,6 +17,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from asynccb._channel import CLOSED
+from asynccb._executors.base import Executor
 from asynccb._lane import Lane
 
 __all__ = ["AsyncExecutor"]
@@ -77,10 +78,11 @@ async def _consume(lane: Lane, portal: BlockingPortal) -> None:
         thread.close()
 
 
-class AsyncExecutor:
+class AsyncExecutor(Executor):
     """Runs each lane as a consumer task in one shared event loop."""
 
     name = "async"
+    runs_coroutines = True
 
     def __init__(self) -> None:
         self._stack: contextlib.ExitStack | None = None

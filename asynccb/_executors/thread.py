@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import threading
 
+from typing import TYPE_CHECKING
+
 from asynccb._channel import CLOSED
-from asynccb._lane import Lane
+from asynccb._executors.base import Executor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._lane import Lane
 
 __all__ = ["ThreadExecutor"]
 
 
-def _consume(lane: Lane) -> None:
+def _consume(lane: "Lane") -> None:
     while True:
         task = lane.channel.get()
         if task is CLOSED:
@@ -18,7 +23,7 @@ def _consume(lane: Lane) -> None:
         lane.run(task)
 
 
-class ThreadExecutor:
+class ThreadExecutor(Executor):
     """Runs each lane's tasks, in order, on a thread of its own.
 
     The threads are daemons so that a hook stuck forever cannot keep the
@@ -32,11 +37,11 @@ class ThreadExecutor:
         self._threads: list[threading.Thread] = []
 
     @staticmethod
-    def serve(lane: Lane) -> None:
+    def serve(lane: "Lane") -> None:
         """What the lane's thread runs: take tasks, run them, in order."""
         _consume(lane)
 
-    def start(self, lane: Lane) -> None:
+    def start(self, lane: "Lane") -> None:
         thread = threading.Thread(
             target=self.serve, args=(lane,), name=f"asynccb-{lane.name}",
             daemon=True,

@@ -1,6 +1,7 @@
 """The main function of a worker process (spawned, one per callback).
 
-Started as `python -m asynccb._process_worker <socket fd> <lifeline fd>`
+Started as `python -m asynccb._executors.process.worker <socket fd>
+<lifeline fd>`
 with an environment that hides accelerators and limits threads. It sets
 itself up before TensorFlow loads (lower priority, deaf to Ctrl-C, which
 the training process handles), then serves tasks from the training process until told to stop, or until the
@@ -157,7 +158,7 @@ def main(conn: Any, lifeline: int) -> None:
 
     import numpy as np
 
-    from asynccb._shared_memory import SharedBuffers
+    from asynccb._executors.process.shared_memory import SharedBuffers
     from asynccb._tasks import TaskRunner
 
     _, init = pickle.loads(conn.recv_bytes())
@@ -223,6 +224,6 @@ if __name__ == "__main__":
     # Run as the importable module, not as `__main__`: the messages name its
     # classes (`SnapshotRef`), which would otherwise load it a second time,
     # mid-run.
-    from asynccb._process_worker import main as _main
+    from asynccb._executors.process.worker import main as _main
 
     _main(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 from multiprocessing.connection import wait
+from typing import Any
 
 from asynccb._channel import CLOSED
 from asynccb._lane import Lane
-from asynccb._process_runner import ProcessRunner
-from asynccb._thread_executor import ThreadExecutor
+from asynccb._executors.process.runner import ProcessRunner, pickle_callback
+from asynccb._executors.process.shared_memory import allocate_shared
+from asynccb._executors.thread import ThreadExecutor
+from asynccb._snapshot import Buffer
 
 __all__ = ["ProcessExecutor"]
 
@@ -58,6 +61,19 @@ class ProcessExecutor(ThreadExecutor):
     lane's thread, as in the thread executor, but it forwards)."""
 
     name = "process"
+    crosses_processes = True
+
+    @staticmethod
+    def allocate(nbytes: int) -> Buffer:
+        return allocate_shared(nbytes)
+
+    @classmethod
+    def check(cls, callback: Any) -> None:
+        pickle_callback(callback)  # Raises, naming what cannot travel.
+
+    @classmethod
+    def runner(cls, callback: Any, deferred_control: bool) -> ProcessRunner:
+        return ProcessRunner(callback, deferred_control)
 
     @staticmethod
     def serve(lane: Lane) -> None:

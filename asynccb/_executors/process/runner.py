@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from asynccb._errors import WorkerDiedError
-from asynccb._process_worker import (
+from asynccb._executors.process.worker import (
     USE_BLUEPRINT,
     SnapshotRef,
     decode_exception,
@@ -30,7 +30,9 @@ from asynccb._process_worker import (
 from asynccb._saving import remove_temporaries
 from asynccb._tasks import Task
 
-__all__ = ["ProcessRunner", "pickle_callback"]
+__all__ = ["ProcessRunner", "pickle_callback", "WORKER_MODULE"]
+
+WORKER_MODULE = "asynccb._executors.process.worker"
 
 _STOP_TIMEOUT_S = 30  # A worker told to stop is killed if still alive then.
 
@@ -114,7 +116,8 @@ class ProcessRunner:
     Used by the lane like an in-process `TaskRunner`: `run(task)` returns
     the task's control effects or raises the worker's exception.
 
-    The worker is a fresh interpreter (`python -m asynccb._process_worker`),
+    The worker is a fresh interpreter (`python -m
+    asynccb._executors.process.worker`),
     like multiprocessing's spawn but without re-importing the user's main
     script, which a training script without an `if __name__ == "__main__"`
     guard would otherwise run again in every worker. Its environment hides
@@ -156,7 +159,7 @@ class ProcessRunner:
         lifeline_read, self._lifeline = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "asynccb._process_worker",
+                [sys.executable, "-m", WORKER_MODULE,
                  str(theirs.fileno()), str(lifeline_read)],
                 pass_fds=(theirs.fileno(), lifeline_read),
                 env={**os.environ, **WORKER_ENVIRONMENT},

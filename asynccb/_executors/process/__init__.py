@@ -1,0 +1,18 @@
+"""The process executor: each offloaded callback in a worker process.
+
+Data flow, for one lane (`executor.py` forwards, `runner.py` is the
+training side of the boundary, `worker.py` the other):
+
+    training thread                forwarding thread          worker process
+    ---------------                -----------------          --------------
+    hook -> snapshot into a        takes tasks in order,      loads each message
+    shared buffer (shared_memory)  sends each (runner.py) ->  part, maps the buffer
+    -> task on the lane's queue    waits for the reply or     by name, runs the task
+                                   the worker's sentinel  <-  on a shadow model,
+    raises a failure at the        records failures on        replies done/error
+    next hook                      the lane
+
+A worker that dies is noticed through its process sentinel (a pidfd) at
+once, busy or idle; a training process that dies closes the worker's
+lifeline pipe, and the worker exits.
+"""
