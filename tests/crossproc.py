@@ -33,6 +33,11 @@ class Signal:
             self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
         return self._fd
 
+    def open(self) -> None:
+        """Opens the pipe now, rather than at first use (a test about to
+        run a process out of file descriptors)."""
+        self._handle()
+
     def set(self, payload: bytes = b"!") -> None:
         os.write(self._handle(), payload)
 

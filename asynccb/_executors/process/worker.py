@@ -1,23 +1,12 @@
 """The main function of a worker process (spawned, one per callback).
 
 Started as `python -m asynccb._executors.process.worker <socket fd>
-<lifeline fd>`
-with an environment that hides accelerators and limits threads. It sets
-itself up before TensorFlow loads (lower priority, deaf to Ctrl-C, which
-the training process handles), then serves tasks from the training process until told to stop, or until the
-training process dies: the lifeline pipe's end closes with it, and the
-worker exits within moments.
-
-Messages from the training process: a pickled envelope of a kind and
-cloudpickled parts, each loaded in the worker where its errors are reported:
-    ("init", (sys.path, deferred_control, capacity))
-    ("blueprint", ModelBlueprint)      the shadow's source, when it changes
-    ("task", Task, callback or None)   snapshot as a `SnapshotRef`; with
-                                       `set_model`, the cloudpickled callback
-    ("finish",)                        reply with the callback's state
-    ("stop",)
-Replies: ("ready",), ("done", effects), ("error", encoded exception),
-("state", dict of picklable attributes).
+<lifeline fd>` with an environment that hides accelerators and limits
+threads. `initialize` sets the process up before TensorFlow loads (lower
+priority, deaf to Ctrl-C, which the training process handles) and takes
+the `Init` message; `serve` then runs the lane's tasks (`messages.py`)
+until told to stop, or until the training process dies: the lifeline
+pipe's end closes with it, and the worker exits within moments.
 """
 
 from __future__ import annotations
@@ -27,42 +16,13 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "main",
-    "SnapshotRef",
-    "USE_BLUEPRINT",
-    "encode_exception",
-    "decode_exception",
-]
+from asynccb._executors.process import messages
+from asynccb._executors.process.messages import USE_BLUEPRINT
 
-USE_BLUEPRINT = "<current blueprint>"  # A task's `model`: the last one sent.
-
-
-@dataclass
-class SnapshotRef:
-    """A snapshot as a worker process sees it: a shared buffer by name.
-
-    Has what `Shadow.apply` reads of a `Snapshot`.
-    """
-
-    name: str | None  # None for an empty layout (no buffer).
-    layout: Any  # LayoutSpec
-    stop_training: bool
-    data: Any = None  # The mapped bytes, set in the worker.
-
-    @property
-    def level(self):
-        return self.layout.level
-
-    def arrays(self):
-        return self.layout.views(self.data)
-
-    def __getstate__(self):
-        return {**self.__dict__, "data": None}
+__all__ = ["main", "initialize", "serve"]
 
 
 def _set_up_process() -> None:
@@ -86,130 +46,101 @@ def _exit_with_parent(lifeline: int) -> None:
     os._exit(0)
 
 
-def _qualified_name(cls: type) -> str:
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _message(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception as str_exc:  # The user's `__str__` itself failed.
-        return f"<str() raised {type(str_exc).__name__}: {str_exc}>"
-
-
-EncodedException = tuple  # (pickled or None, type name, message, traceback)
-
-
-def encode_exception(exc: BaseException) -> EncodedException:
-    """`exc` as plain data that always crosses to the training process: the
-    exception pickled (or `None` if it cannot be), its type's name, its
-    message and its formatted traceback (which does not pickle).
-    `decode_exception` puts them back together."""
-    text = "".join(traceback.format_exception(type(exc), exc,
-                                              exc.__traceback__))
-    try:
-        data = pickle.dumps(exc)
-    except Exception:  # Rebuilt as a `RemoteError` from the rest.
-        data = None
-    return data, _qualified_name(type(exc)), _message(exc), text
-
-
-def decode_exception(encoded: EncodedException) -> BaseException:
-    """The worker's exception, with its traceback as a `RemoteTraceback`
-    cause (as `concurrent.futures` does); a `RemoteError` holding its type
-    name, message and traceback if it cannot be rebuilt here."""
-    from asynccb._errors import RemoteError, RemoteTraceback
-
-    data, type_name, message, text = encoded
-    if data is None:
-        return RemoteError(type_name, message, text,
-                           "it could not be pickled in the worker")
-    try:
-        exc = pickle.loads(data)
-    except Exception as load_exc:
-        return RemoteError(
-            type_name, message, text, "it could not be rebuilt in the "
-            f"training process: {type(load_exc).__name__}: {load_exc}")
-    exc.__cause__ = RemoteTraceback(text)
-    return exc
-
-
-def _callback_state(callback: Any) -> dict:
-    """The callback's attributes that can travel back, but its model."""
+def _callback_state(callback: Any) -> dict[str, bytes]:
+    """The callback's attributes that can travel back, each pickled on its
+    own (so one that cannot load in the training process costs only
+    itself), but its model."""
     state = {}
     for name, value in vars(callback).items():
         if name == "_model":
             continue
         try:
-            pickle.dumps(value)
+            state[name] = pickle.dumps(value)
         except Exception:
             continue  # Open files, writers: they stay the training side's.
-        state[name] = value
     return state
 
 
-def main(conn: Any, lifeline: int) -> None:
-    """Serves one offloaded callback; see the module docstring."""
+@dataclass
+class _Lane:
+    """What a worker holds for its lane between messages."""
+
+    runner: Any  # TaskRunner
+    buffers: Any  # SharedBuffers
+    blueprint_data: bytes | None = None
+    blueprint: Any = None  # Loaded from `blueprint_data` when first needed.
+
+
+def initialize(conn: Any, lifeline: int) -> _Lane:
+    """Sets the process up and takes the `Init` message; replies `Ready`."""
     threading.Thread(target=_exit_with_parent, args=(lifeline,),
                      daemon=True).start()
     _set_up_process()
 
-    import numpy as np
-
     from asynccb._executors.process.shared_memory import SharedBuffers
     from asynccb._tasks import TaskRunner
 
-    _, init = pickle.loads(conn.recv_bytes())
-    path, deferred_control, capacity = pickle.loads(init)
-    sys.path[:] = path  # Where the training process finds the user's code.
-    runner = TaskRunner(None, deferred_control)
-    buffers = SharedBuffers(capacity)
-    blueprint_data, blueprint = None, None
-    conn.send(("ready",))
+    init = messages.decode(conn.recv_bytes())
+    assert isinstance(init, messages.Init), init
+    sys.path[:] = init.sys_path  # Where the training process finds code.
+    lane = _Lane(TaskRunner(None, init.deferred_control),
+                 SharedBuffers(init.capacity))
+    conn.send_bytes(messages.encode(messages.Ready()))
+    return lane
+
+
+def _run(lane: _Lane, message: messages.RunTask) -> messages.Done:
+    """Loads the task (and what it names) and runs it: every load and
+    every mapping here, where a failure is reported."""
+    import numpy as np
+
+    task = pickle.loads(message.task)
+    try:
+        if task.model == USE_BLUEPRINT:
+            if lane.blueprint is None:
+                lane.blueprint = pickle.loads(lane.blueprint_data)
+            task.model = lane.blueprint
+        snapshot = task.snapshot
+        if snapshot is not None:
+            snapshot.data = (
+                np.empty(0, np.uint8) if snapshot.name is None
+                else lane.buffers.array(snapshot.name,
+                                        snapshot.layout.nbytes))
+        if message.callback is not None:
+            lane.runner.callback = pickle.loads(message.callback)
+        return messages.Done(lane.runner.run(task))
+    finally:
+        task.snapshot = None  # Unmapped with the last view of it.
+
+
+def serve(conn: Any, lane: _Lane) -> None:
+    """Runs the lane's messages until `Stop`."""
     try:
         while True:
-            # The envelope holds only names and bytes: it always loads.
-            # What is inside may not (a class that does not import here, a
-            # segment gone), so it is loaded where errors are reported.
-            kind, *parts = pickle.loads(conn.recv_bytes())
-            if kind == "stop":
-                break
-            if kind == "blueprint":
-                blueprint_data, blueprint = parts[0], None
+            message = messages.decode(conn.recv_bytes())
+            if isinstance(message, messages.Stop):
+                return
+            if isinstance(message, messages.Blueprint):
+                lane.blueprint_data, lane.blueprint = message.data, None
                 continue
-            if kind == "finish":
-                conn.send(("state", _callback_state(runner.callback)
-                           if runner.callback is not None else {}))
-                continue
-            task_data, callback_data = parts
-            task = None
-            try:
-                task = pickle.loads(task_data)
-                if task.model == USE_BLUEPRINT:
-                    if blueprint is None:
-                        blueprint = pickle.loads(blueprint_data)
-                    task.model = blueprint
-                snapshot = task.snapshot
-                if snapshot is not None:
-                    snapshot.data = (
-                        np.empty(0, np.uint8) if snapshot.name is None
-                        else buffers.array(snapshot.name,
-                                           snapshot.layout.nbytes))
-                if callback_data is not None:
-                    runner.callback = pickle.loads(callback_data)
-                effects = runner.run(task)
-            except BaseException as exc:
-                conn.send(("error", encode_exception(exc)))
+            if isinstance(message, messages.Finish):
+                callback = lane.runner.callback
+                reply: Any = messages.State(
+                    _callback_state(callback) if callback is not None else {})
             else:
-                conn.send(("done", effects))
-            finally:
-                if task is not None:
-                    task.snapshot = None
+                try:
+                    reply = _run(lane, message)
+                except BaseException as exc:
+                    reply = messages.Failed(messages.ExceptionReport.of(exc))
+            conn.send_bytes(messages.encode(reply))
     finally:
-        runner.close()
-        buffers.close()
+        lane.runner.close()
+        lane.buffers.close()
+
+
+def main(conn: Any, lifeline: int) -> None:
+    """Serves one offloaded callback; see the module docstring."""
+    serve(conn, initialize(conn, lifeline))
     # Asked to stop, with nothing left to do: skip the interpreter's
     # teardown (unloading TensorFlow takes seconds), which the training
     # process would otherwise wait for at the end of every run.
@@ -221,9 +152,8 @@ def main(conn: Any, lifeline: int) -> None:
 if __name__ == "__main__":
     from multiprocessing.connection import Connection
 
-    # Run as the importable module, not as `__main__`: the messages name its
-    # classes (`SnapshotRef`), which would otherwise load it a second time,
-    # mid-run.
+    # Run as the importable module, not as `__main__`, so that what the
+    # messages name is loaded once.
     from asynccb._executors.process.worker import main as _main
 
     _main(Connection(int(sys.argv[1])), int(sys.argv[2]))

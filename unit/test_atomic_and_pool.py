@@ -1,0 +1,57 @@
+"""Atomic writes and the snapshot buffer pool, without TensorFlow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from asynccb._saving import atomic_path
+from asynccb._snapshot import BufferPool, allocate_private
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model.keras"
+    target.write_bytes(b"previous")
+    with atomic_path(str(target)) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)
+        assert tmp.endswith(".keras") and os.path.basename(tmp).startswith(".")
+        with open(tmp, "wb") as file:
+            file.write(b"new")
+        assert target.read_bytes() == b"previous"  # Not yet.
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]
+
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, "wb") as file:
+                file.write(b"half")
+            1 / 0
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]
+
+
+def test_pool_reuses_at_most_capacity_buffers():
+    pool = BufferPool(2, allocate_private)
+    first, _ = pool.try_acquire(100)
+    second, _ = pool.try_acquire(100)
+    third, generation = pool.try_acquire(100)
+    assert third is None  # The bound holds.
+    pool.release(first)
+    again, _ = pool.try_acquire(100)
+    assert again is first  # Reused, not reallocated.
+    assert pool.allocations == 2 and pool.high_water == 2
+    pool.release(again)
+    pool.release(second)
+    pool.close()
+
+
+def test_pool_retires_buffers_that_no_longer_fit():
+    pool = BufferPool(2, allocate_private)
+    small, _ = pool.try_acquire(64)
+    pool.release(small)
+    large, _ = pool.try_acquire(4096)  # The optimizer was built: grows.
+    assert large is not small and large.nbytes >= 4096
+    assert small.nbytes == 0  # Freed, not kept beside the larger one.
+    pool.release(large)
+    pool.close()
