@@ -34,7 +34,7 @@ _EXPORTS = {
     "AsyncCallbackList": "asynccb._callback_list",
     "AsyncCallbackError": "asynccb._errors",
     "WorkerDiedError": "asynccb._errors",
-    "ControlFromWorkerError": "asynccb._tasks",
+    "ControlFromWorkerError": "asynccb._errors",
     "StateLevel": "asynccb._snapshot",
     "Stats": "asynccb._stats",
     "CallbackStats": "asynccb._stats",
@@ -45,10 +45,13 @@ _EXPORTS = {
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._async_callback import AsyncCallback
     from asynccb._callback_list import AsyncCallbackList
-    from asynccb._errors import AsyncCallbackError, WorkerDiedError
+    from asynccb._errors import (
+        AsyncCallbackError,
+        ControlFromWorkerError,
+        WorkerDiedError,
+    )
     from asynccb._snapshot import StateLevel
     from asynccb._stats import CallbackStats, Stats, SyncCallbackStats, Timing
-    from asynccb._tasks import ControlFromWorkerError
 
 
 def __getattr__(name: str) -> Any:

@@ -312,3 +312,6 @@ class AsyncCallback(keras.callbacks.Callback):
 
     def on_predict_batch_end(self, batch, logs=None):
         self._hook("on_predict_batch_end", (batch,), logs)
+
+
+AsyncCallback.__module__ = "asynccb"  # As users name it.

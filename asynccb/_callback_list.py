@@ -370,3 +370,6 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
 
     def on_predict_batch_end(self, batch, logs=None):
         self._call("on_predict_batch_end", (batch,), logs)
+
+
+AsyncCallbackList.__module__ = "asynccb"  # As users name it.

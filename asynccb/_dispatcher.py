@@ -5,16 +5,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import sys
 import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from asynccb._channel import release_all
 from asynccb._errors import AsyncCallbackError, WorkerDiedError
 from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
+from asynccb._run_watch import RunWatch, keras_run_frame
 from asynccb._shadow import ModelBlueprint
 from asynccb._snapshot import (
     BufferPool,
@@ -33,11 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Dispatcher"]
 
 logger = logging.getLogger("asynccb")
-
-# How often the run watch looks whether `fit` is still on the stack. It only
-# matters when `fit` raised past our hooks: then it bounds how long the
-# workers outlive it before they finish their queues and stop.
-_WATCH_PERIOD_S = 0.2
 
 _live_dispatchers: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 
@@ -68,7 +62,7 @@ class Dispatcher:
         self._executors: dict[str, Executor] = {}
         self._running = False
         self._lifecycle = threading.RLock()
-        self._watch: _RunWatch | None = None
+        self._watch: RunWatch | None = None
         _live_dispatchers.add(self)
 
     # Configuration.
@@ -214,11 +208,11 @@ class Dispatcher:
         self._executors.clear()
 
     def _watch_run(self) -> None:
-        frame = _keras_run_frame()
+        frame = keras_run_frame()
         if frame is not None:
-            self._watch = _RunWatch(self, frame)
+            self._watch = RunWatch(self, frame)
 
-    def abandon(self, watch: "_RunWatch") -> bool:
+    def abandon(self, watch: RunWatch) -> bool:
         """Closes the run if `watch` confirms `fit` ended without its end
         hook (it raised). Returns whether it did."""
         if not self._lifecycle.acquire(blocking=False):
@@ -459,72 +453,6 @@ class Dispatcher:
 
     def lane_stats(self) -> dict[str, CallbackStats]:
         return {lane.name: lane.stats() for lane in self.lanes}
-
-
-def _keras_run_frame() -> Any:
-    """The frame of Keras' `fit`/`evaluate`/`predict` running this hook.
-
-    Keras calls no `on_*_end` hook when `fit` raises, so nothing would tell
-    the workers that the run is over; the run watch looks for this frame
-    instead. In a hand-written loop the caller is the user's code, which
-    calls the end hooks itself: no frame is watched.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not module.startswith(("asynccb", "keras.src.callbacks")):
-            return frame if module.startswith("keras.") else None
-        frame = frame.f_back
-    return None
-
-
-class _RunWatch:
-    """Closes a dispatcher whose Keras run left the stack without ending.
-
-    Args:
-        dispatcher: The dispatcher to close.
-        frame: The `fit`/`evaluate`/`predict` frame of the run.
-    """
-
-    def __init__(self, dispatcher: Dispatcher, frame: Any):
-        self._dispatcher = weakref.ref(dispatcher)
-        self._frame = frame
-        self._where = frame.f_code.co_name
-        self._thread_id = threading.get_ident()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._watch, name="asynccb-run-watch", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def where(self) -> str:
-        """The name of the watched function (`fit`, `evaluate`, ...)."""
-        return self._where
-
-    def run_alive(self) -> bool:
-        """Whether the watched frame is still on its thread's stack."""
-        frame = sys._current_frames().get(self._thread_id)
-        while frame is not None:
-            if frame is self._frame:
-                return True
-            frame = frame.f_back
-        return False
-
-    def _watch(self) -> None:
-        while not self._stopped.wait(_WATCH_PERIOD_S):
-            if self.run_alive():
-                continue
-            dispatcher = self._dispatcher()
-            if dispatcher is None or dispatcher.abandon(self):
-                self._frame = None
-                return
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._frame = None
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
 
 
 @atexit.register

@@ -1,10 +1,15 @@
-"""Exceptions raised by asynccb."""
+"""Every exception asynccb raises, each saying who raises it and when.
+
+The public ones show as `asynccb.<Name>` in tracebacks (and pickle by that
+name): users catch them by the names they import.
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "AsyncCallbackError",
     "WorkerDiedError",
+    "ControlFromWorkerError",
     "RemoteTraceback",
     "RemoteError",
 ]
@@ -76,6 +81,14 @@ class WorkerDiedError(AsyncCallbackError):
         self.signal = _signal_name(exitcode)
 
 
+class ControlFromWorkerError(RuntimeError):
+    """Raised in a worker (and reaches the training thread as the cause of
+    an `AsyncCallbackError`) when an offloaded hook sets
+    `model.stop_training` or changes the learning rate on its shadow model
+    and the callback was not wrapped with `deferred_control=True`: there it
+    would have no effect on training."""
+
+
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker process,
     attached as that exception's `__cause__` (as `concurrent.futures`
@@ -128,3 +141,7 @@ def _signal_name(exitcode: int | None) -> str | None:
         return signal.Signals(-exitcode).name
     except ValueError:
         return f"signal {-exitcode}"
+
+
+for _public in (AsyncCallbackError, WorkerDiedError, ControlFromWorkerError):
+    _public.__module__ = "asynccb"

@@ -426,3 +426,6 @@ class Snapshot:
         if last and self.buffer is not None and self._pool is not None:
             buffer, self.buffer = self.buffer, None
             self._pool.release(buffer)
+
+
+StateLevel.__module__ = "asynccb"  # As users name it.

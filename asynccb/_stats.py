@@ -207,3 +207,7 @@ def _ms(seconds: float) -> str:
 
 def _s(seconds: float) -> str:
     return f"{seconds:.3f} s"
+
+
+for _public in (Stats, CallbackStats, SyncCallbackStats, Timing):
+    _public.__module__ = "asynccb"  # As users name them.

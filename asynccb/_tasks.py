@@ -8,24 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
 from asynccb._saving import save_atomically
 from asynccb._shadow import Shadow
 from asynccb._snapshot import Snapshot
 
-__all__ = ["Task", "TaskRunner", "ControlFromWorkerError"]
+__all__ = ["Task", "TaskRunner"]
 
 _SETUP = ("set_model", "attach")  # Tasks that give the callback its shadow.
-
-
-class ControlFromWorkerError(RuntimeError):
-    """An offloaded callback tried to control training from its worker.
-
-    Raised (as the cause of `AsyncCallbackError`) when a hook running off
-    the training thread sets `model.stop_training` or changes the learning
-    rate on its shadow model and the callback was not wrapped with
-    `deferred_control=True`.
-    """
 
 
 @dataclass

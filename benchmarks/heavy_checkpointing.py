@@ -133,7 +133,8 @@ def main(argv=None) -> dict:
         "runs": runs,
         "sweep": sweep,
     }
-    stem = f"heavy_checkpointing-{args.preset if not args.width else args.width}-tf{args.tf_threads}"
+    size = args.preset if not args.width else args.width
+    stem = f"heavy_checkpointing-{size}-tf{args.tf_threads}"
     json_path = os.path.join(args.output, stem + ".json")
     write_json(json_path, document)
     plots = []

@@ -63,7 +63,8 @@ class LearningRateSchedulerCallback(keras.callbacks.Callback):
                 old_lr = float(self.optimizer.learning_rate)
                 new_lr = old_lr * self.factor
                 self.optimizer.learning_rate = new_lr
-                print(f"Epoch {epoch}: Learning rate reduced from {old_lr:.6f} to {new_lr:.6f}")
+                print(f"Epoch {epoch}: Learning rate reduced from "
+                      f"{old_lr:.6f} to {new_lr:.6f}")
                 self.wait = 0
 
 

@@ -4,7 +4,6 @@ them, one at a time; different callbacks run concurrently."""
 from __future__ import annotations
 
 import os
-import threading
 
 import keras
 import pytest

@@ -13,7 +13,6 @@ import threading
 import textwrap
 
 import keras
-import numpy as np
 import pytest
 from conftest import JOIN_TIMEOUT_S, make_model, mnist_like, worker_processes
 

@@ -93,7 +93,8 @@ class AsyncExecutor(Executor):
         if self._portal is None:
             self._stack = contextlib.ExitStack()
             self._portal = self._stack.enter_context(start_blocking_portal())
-        self._consumers.append(self._portal.start_task_soon(_consume, lane, self._portal))
+        self._consumers.append(
+            self._portal.start_task_soon(_consume, lane, self._portal))
 
     def stop(self) -> None:
         """Waits for the consumers (channels closed) and stops the loop."""
