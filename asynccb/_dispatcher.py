@@ -458,6 +458,13 @@ class Dispatcher:
 @atexit.register
 def _close_all() -> None:
     # A hand-written loop that never called `on_train_end`: finish its
-    # queued hooks (nothing is lost) before the interpreter goes.
+    # queued hooks (nothing is lost) before the interpreter goes; then stop
+    # the warm workers, which no run uses any more.
     for dispatcher in list(_live_dispatchers):
         dispatcher.close()
+    from asynccb._executors import shutdown
+
+    try:
+        shutdown()
+    except RuntimeError as exc:  # A run still holds it: it exits with us.
+        logger.warning("asynccb: at exit, %s", exc)

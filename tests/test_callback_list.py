@@ -107,8 +107,8 @@ def _gradient_tape_loop(callbacks_for, tmp_path, name):
     return out
 
 
-def test_gradient_tape_loop_matches_keras(tmp_path, capfd, executor):
-    capsys = capfd  # A worker process prints to the file descriptor.
+def test_gradient_tape_loop_matches_keras(tmp_path, worker_output, executor):
+    capsys = worker_output  # A worker process prints to the descriptor.
     plain = _gradient_tape_loop(
         lambda cbs, model: keras.callbacks.CallbackList(cbs, model=model),
         tmp_path, "plain")

@@ -14,6 +14,8 @@ import textwrap
 
 import keras
 import pytest
+
+import asynccb
 from conftest import JOIN_TIMEOUT_S, make_model, mnist_like, worker_processes
 
 from asynccb import AsyncCallback, AsyncCallbackError, WorkerDiedError
@@ -88,14 +90,13 @@ def test_blueprint_class_the_worker_cannot_import(tmp_path, monkeypatch):
         import os
         import keras
 
-        if os.environ["ASYNCCB_TEST_TRAINER_PID"] != str(os.getpid()):
+        if os.getpid() != {os.getpid()}:
             raise ImportError("{module} imports in the training process only")
 
         class TrainerOnly(keras.layers.Layer):
             def call(self, inputs):
                 return inputs
     '''))
-    monkeypatch.setenv("ASYNCCB_TEST_TRAINER_PID", str(os.getpid()))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, module, raising=False)
     layers = __import__(module)
@@ -158,8 +159,11 @@ def test_shared_buffer_the_worker_cannot_map(signals):
     offloaded = AsyncCallback(
         ReadsWeights(started, gate), executor="process",
         state={"on_epoch_begin": "none", "on_epoch_end": "weights"})
-    with pytest.raises(AsyncCallbackError) as caught:
-        _fit([offloaded, LimitsTheWorker()], epochs=3)
+    try:
+        with pytest.raises(AsyncCallbackError) as caught:
+            _fit([offloaded, LimitsTheWorker()], epochs=3)
+    finally:
+        asynccb.shutdown()  # The warm worker keeps its limit: retire it.
     text = str(caught.value)
     assert "ReadsWeights.on_epoch_end(epoch=0) failed in its process" in text
     assert "Too many open files" in text

@@ -12,15 +12,17 @@ from asynccb._executors.process import messages
 
 
 @pytest.mark.parametrize("message", [
-    messages.Init(("/a", "/b"), True, 3),
-    messages.Blueprint(b"\x80blueprint"),
-    messages.RunTask(b"task", None),
-    messages.RunTask(b"task", b"callback"),
-    messages.Finish(),
+    messages.Init(("/a", "/b")),
+    messages.Open(7, True, 3),
+    messages.Blueprint(7, b"\x80blueprint"),
+    messages.RunTask(7, b"task", None),
+    messages.RunTask(7, b"task", b"callback"),
+    messages.Finish(7),
+    messages.Close(7),
     messages.Stop(),
     messages.Ready(),
-    messages.Done({"stop_training": True, "learning_rate": 0.5}),
-    messages.State({"best": pickle.dumps(0.25)}),
+    messages.Done(7, {"stop_training": True, "learning_rate": 0.5}),
+    messages.State(7, {"best": pickle.dumps(0.25)}),
 ], ids=lambda message: type(message).__name__)
 def test_every_message_round_trips(message):
     assert messages.decode(messages.encode(message)) == message
@@ -46,7 +48,7 @@ class HoldsALock(Exception):
 
 def test_exception_comes_back_with_its_type_and_traceback():
     report = messages.ExceptionReport.of(_raised(KeyError("missing")))
-    sent = messages.decode(messages.encode(messages.Failed(report)))
+    sent = messages.decode(messages.encode(messages.Failed(7, report)))
     exc = sent.error.rebuild()
     assert type(exc) is KeyError and exc.args == ("missing",)
     assert isinstance(exc.__cause__, RemoteTraceback)
@@ -61,7 +63,7 @@ def test_exception_comes_back_with_its_type_and_traceback():
 ])
 def test_exception_that_cannot_be_rebuilt_keeps_what_is_known(exc, reason):
     report = messages.ExceptionReport.of(_raised(exc))
-    rebuilt = messages.decode(messages.encode(messages.Failed(report))) \
+    rebuilt = messages.decode(messages.encode(messages.Failed(7, report))) \
         .error.rebuild()
     assert isinstance(rebuilt, RemoteError)
     assert rebuilt.type_name == f"{__name__}.{type(exc).__qualname__}"

@@ -12,12 +12,13 @@ implementation is a module of its own, imported on first use:
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
 
-__all__ = ["EXECUTORS", "get_executor"]
+__all__ = ["EXECUTORS", "get_executor", "shutdown"]
 
 _IMPLEMENTATIONS = {
     "thread": ("asynccb._executors.thread", "ThreadExecutor"),
@@ -43,3 +44,18 @@ def get_executor(name: str) -> type[Executor]:
             f"Received: executor={name!r}"
         ) from None
     return getattr(importlib.import_module(module), attribute)
+
+
+def shutdown() -> None:
+    """Stops asynccb's warm worker processes now.
+
+    They stop by themselves after some idle minutes (see the README) and
+    at interpreter exit; call this to have their memory back at once. The
+    next run starts them again.
+
+    Raises:
+        RuntimeError: If a run is using them: call it after `fit` returns.
+    """
+    for name, (module, _) in _IMPLEMENTATIONS.items():
+        if module in sys.modules:  # Only what was used can hold anything.
+            get_executor(name).shutdown()

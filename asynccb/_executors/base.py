@@ -64,6 +64,15 @@ class Executor(abc.ABC):
 
         return TaskRunner(callback, deferred_control)
 
+    @classmethod
+    def shutdown(cls) -> None:
+        """Stops what the executor keeps between runs (by default,
+        nothing).
+
+        Raises:
+            RuntimeError: If a run is using it.
+        """
+
     @abc.abstractmethod
     def start(self, lane: Lane) -> None:
         """Starts a consumer of `lane`'s queue; it runs until the queue is

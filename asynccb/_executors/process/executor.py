@@ -1,9 +1,9 @@
-"""The `process` executor: one spawned worker process per callback.
+"""The `process` executor: callbacks in the warm worker process.
 
-A forwarding thread in the training process takes the lane's tasks in
-order, runs each in the worker (`ProcessRunner`) and, between tasks, waits
-on both the queue and the worker's sentinel: a worker that dies while idle
-is noticed at once too.
+A forwarding thread per lane, in the training process, takes the lane's
+tasks in order, runs each in the worker (`ProcessRunner`) and, between
+tasks, waits on both the queue and the worker's sentinel: a worker that
+dies while idle is noticed at once too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from asynccb._channel import CLOSED
 from asynccb._lane import Lane
+from asynccb._executors.process import pool
 from asynccb._executors.process.runner import ProcessRunner, pickle_callback
 from asynccb._executors.process.shared_memory import allocate_shared
 from asynccb._executors.thread import ThreadExecutor
@@ -74,6 +75,10 @@ class ProcessExecutor(ThreadExecutor):
     @classmethod
     def runner(cls, callback: Any, deferred_control: bool) -> ProcessRunner:
         return ProcessRunner(callback, deferred_control)
+
+    @classmethod
+    def shutdown(cls) -> None:
+        pool.shutdown()  # The warm worker process.
 
     @staticmethod
     def serve(lane: Lane) -> None:

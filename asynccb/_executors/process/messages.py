@@ -7,18 +7,23 @@ classes, the callback, an exception, a callback attribute) travels as
 bytes that the sender pickled and the receiver loads where a failure is
 reported, so a message itself always arrives.
 
+A worker serves many lanes (one per offloaded callback), each on a thread
+of its own; every message about a lane carries its number.
+
 Training process to worker:
-    Init         once, first: where to import from, and the lane's setup
-    Blueprint    the shadow model's source, when it changes
-    RunTask      one task of the lane (with the callback at `set_model`)
-    Finish       reply with the callback's state (end of run)
+    Init         first, and whenever it changes: where to import from
+    Open         a lane: its thread, runner and buffer mappings
+    Blueprint    a lane's shadow model source, when it changes
+    RunTask      one task of a lane (with the callback at `set_model`)
+    Finish       reply with a lane's callback state (end of a run)
+    Close        a lane is gone (its callback was dropped)
     Stop         exit
 
 Worker to training process:
     Ready        after `Init`
-    Done         a task ran: its control effects
-    Failed       a task failed: an `ExceptionReport`
-    State        the callback's attributes, each pickled on its own
+    Done         a lane's task ran: its control effects
+    Failed       a lane's task failed: an `ExceptionReport`
+    State        a lane's callback attributes, each pickled on its own
 
 This module imports neither TensorFlow nor Keras: a worker loads it before
 it sets itself up, and its unit tests run without them.
@@ -33,9 +38,11 @@ from typing import Any, Union
 
 __all__ = [
     "Init",
+    "Open",
     "Blueprint",
     "RunTask",
     "Finish",
+    "Close",
     "Stop",
     "Ready",
     "Done",
@@ -55,24 +62,36 @@ USE_BLUEPRINT = "<current blueprint>"
 @dataclass(frozen=True)
 class Init:
     sys_path: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Open:
+    lane: int
     deferred_control: bool
     capacity: int  # How many snapshot buffers it may keep mapped.
 
 
 @dataclass(frozen=True)
 class Blueprint:
+    lane: int
     data: bytes  # The cloudpickled `ModelBlueprint`.
 
 
 @dataclass(frozen=True)
 class RunTask:
+    lane: int
     task: bytes  # The cloudpickled `Task`, its snapshot a `SnapshotRef`.
     callback: bytes | None = None  # The cloudpickled callback, at setup.
 
 
 @dataclass(frozen=True)
 class Finish:
-    pass
+    lane: int
+
+
+@dataclass(frozen=True)
+class Close:
+    lane: int
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,7 @@ class Ready:
 
 @dataclass(frozen=True)
 class Done:
+    lane: int
     effects: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,15 +174,17 @@ class ExceptionReport:
 
 @dataclass(frozen=True)
 class Failed:
+    lane: int
     error: ExceptionReport
 
 
 @dataclass(frozen=True)
 class State:
+    lane: int
     attributes: dict[str, bytes]  # Each pickled on its own.
 
 
-ToWorker = Union[Init, Blueprint, RunTask, Finish, Stop]
+ToWorker = Union[Init, Open, Blueprint, RunTask, Finish, Close, Stop]
 FromWorker = Union[Ready, Done, Failed, State]
 
 

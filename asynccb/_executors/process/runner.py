@@ -1,10 +1,10 @@
-"""The training side of a worker process: start it, feed it, watch it.
+"""The training side of one lane in the worker process: feed it, watch it.
 
 The callback travels once per run, cloudpickled; the shadow model is
 rebuilt in the worker from the model's blueprint (custom classes travel by
-value); snapshots travel through shared memory, by name. Every wait on the
-worker also waits on its process sentinel, so a dead worker is an error at
-once, never a hang.
+value), once per model; snapshots travel through shared memory, by name.
+Every wait on the worker also sees its death (`pool.py`), so a dead worker
+is an error at once, never a hang.
 """
 
 from __future__ import annotations
@@ -12,39 +12,22 @@ from __future__ import annotations
 import copy
 import importlib.machinery
 import logging
-import os
 import pickle
-import socket
-import subprocess
 import sys
-from multiprocessing.connection import Connection, wait
+import weakref
 from typing import Any
 
 import cloudpickle
 
 from asynccb._errors import WorkerDiedError
-from asynccb._executors.process import messages
+from asynccb._executors.process import messages, pool
 from asynccb._executors.process.messages import USE_BLUEPRINT, SnapshotRef
 from asynccb._saving import remove_temporaries
 from asynccb._tasks import Task
 
-__all__ = ["ProcessRunner", "pickle_callback", "WORKER_MODULE"]
-
-WORKER_MODULE = "asynccb._executors.process.worker"
+__all__ = ["ProcessRunner", "pickle_callback"]
 
 logger = logging.getLogger("asynccb")
-
-_STOP_TIMEOUT_S = 30  # A worker told to stop is killed if still alive then.
-
-# Read by TensorFlow when it loads in the worker: no accelerator (training
-# owns it), one thread each (training owns the cores).
-WORKER_ENVIRONMENT = {
-    "PYTHONUNBUFFERED": "1",  # A callback's prints appear when printed.
-    "CUDA_VISIBLE_DEVICES": "-1",
-    "OMP_NUM_THREADS": "1",
-    "TF_NUM_INTRAOP_THREADS": "1",
-    "TF_NUM_INTEROP_THREADS": "1",
-}
 
 
 def _travel_by_value(classes: Any) -> None:
@@ -101,27 +84,15 @@ def pickle_callback(callback: Any) -> bytes:
         ) from exc
 
 
-def _sentinel(pid: int) -> int | None:
-    """A pidfd: readable when process `pid` exits (Linux 5.3+). Elsewhere
-    `None`, and a death shows as the end of the worker's socket."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
 class ProcessRunner:
-    """The training side of one worker process; runs tasks in it.
+    """The training side of one lane in the warm worker process.
 
     Used by the lane like an in-process `TaskRunner`: `run(task)` returns
-    the task's control effects or raises the worker's exception.
-
-    The worker is a fresh interpreter (`python -m
-    asynccb._executors.process.worker`),
-    like multiprocessing's spawn but without re-importing the user's main
-    script, which a training script without an `if __name__ == "__main__"`
-    guard would otherwise run again in every worker. Its environment hides
-    accelerators and limits threads before TensorFlow loads.
+    the task's control effects or raises the worker's exception. The
+    worker (see `pool.py`) is shared by every process-offloaded callback
+    and outlives the run; the lane in it, with its shadow model, lives as
+    long as this runner: a later run of an unchanged model rebuilds
+    nothing.
 
     Args:
         callback: The wrapped callback, or `None` for a lane that only
@@ -130,6 +101,8 @@ class ProcessRunner:
 
     Attributes:
         capacity: How many snapshot buffers the worker may keep mapped.
+        sentinel: The worker's pidfd while attached (readable once it
+            died), or `None`.
     """
 
     def __init__(self, callback: Any, deferred_control: bool):
@@ -137,12 +110,11 @@ class ProcessRunner:
         self.deferred_control = deferred_control
         self.capacity = 1
         self.payload: bytes | None = None
-        self.process: subprocess.Popen | None = None
         self.sentinel: int | None = None
-        self._name = ""
-        self._conn: Connection | None = None
-        self._lifeline: int | None = None
-        self._blueprint: Any = None
+        self._worker: pool.WorkerProcess | None = None  # While attached.
+        self._lane: tuple[pool.WorkerProcess, int] | None = None
+        self._blueprint: Any = None  # The last one the lane was sent.
+        self._finalizer: Any = None
 
     def prepare_callback(self) -> None:
         """Pickles the callback now, on the training thread, so that one
@@ -152,66 +124,42 @@ class ProcessRunner:
             self.payload = pickle_callback(self.callback)
 
     def start(self, name: str) -> None:
-        """Starts the worker and waits until it is ready (it imports
-        TensorFlow: seconds). Runs on the forwarding thread."""
-        self._name = name
-        ours, theirs = socket.socketpair()
-        lifeline_read, self._lifeline = os.pipe()
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE,
-                 str(theirs.fileno()), str(lifeline_read)],
-                pass_fds=(theirs.fileno(), lifeline_read),
-                env={**os.environ, **WORKER_ENVIRONMENT},
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-            os.close(lifeline_read)
-        self._conn = Connection(ours.detach())
-        self.sentinel = _sentinel(self.process.pid)
-        self._send(messages.Init(tuple(sys.path), self.deferred_control,
-                                 self.capacity))
-        self._receive("starting", messages.Ready)
+        """Attaches to the warm worker for a run (starting it if needed:
+        it imports TensorFlow, seconds) and opens this lane in it, once per
+        worker. Runs on the forwarding thread."""
+        worker = self._worker = pool.acquire()
+        self.sentinel = worker.sentinel
+        worker.follow_path()
+        if self._lane is None or self._lane[0] is not worker:
+            self._close_lane()
+            number = worker.open_lane(self.deferred_control, self.capacity)
+            self._lane = (worker, number)
+            self._blueprint = None  # A new lane has no shadow yet.
+            self._finalizer = weakref.finalize(self, worker.close_lane,
+                                               number)
+
+    def _close_lane(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # Closes the lane in its worker, once.
+            self._finalizer = None
+        self._lane = None
 
     def _send(self, message: messages.ToWorker) -> None:
-        self._conn.send_bytes(messages.encode(message))
+        self._worker.send(message)
 
     def _receive(self, doing: str, expected: type) -> Any:
-        """The worker's reply, of type `expected`; raises the worker's
-        exception (`Failed`) or its death."""
-        ready = wait([self._conn] + ([self.sentinel] if self.sentinel else []))
-        if self._conn in ready:
-            try:
-                reply = messages.decode(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                pass  # Its end closed as it died: report the death below.
-            else:
-                if isinstance(reply, messages.Failed):
-                    raise reply.error.rebuild()
-                if not isinstance(reply, expected):
-                    raise RuntimeError(
-                        f"asynccb: worker process asynccb-{self._name} "
-                        f"replied {reply!r} while {doing}.")
-                return reply
-        raise self.death(doing)
+        return self._worker.receive(self._lane[1], doing, expected)
 
     def death(self, doing: str) -> WorkerDiedError:
-        """The error for a worker found dead while `doing` something."""
-        exitcode = self.process.wait()
-        error = WorkerDiedError(
-            f"worker process asynccb-{self._name} (pid {self.process.pid}) "
-            f"died while {doing}", exitcode=exitcode)
-        how = (f"killed by {error.signal}" if error.signal
-               else f"exit code {exitcode}")
-        error.args = (f"{error.args[0]}: {how}",)
-        return error
+        """The error for the worker, found dead while `doing` something."""
+        return self._worker.died_error(doing)
 
     def run(self, task: Task) -> dict:
         """Runs `task` in the worker; returns its control effects."""
+        number = self._lane[1]
         if task.model is not None:
             if task.model is not self._blueprint:
-                self._send(messages.Blueprint(dumps_for_worker(
+                self._send(messages.Blueprint(number, dumps_for_worker(
                     task.model, task.model.custom_objects.values())))
                 self._blueprint = task.model
             model = USE_BLUEPRINT
@@ -228,19 +176,20 @@ class ProcessRunner:
         if task.kind in ("set_model", "attach"):
             # The callback as it is when its run starts, sent with its model.
             payload, self.payload = self.payload, None
-        self._send(messages.RunTask(cloudpickle.dumps(remote), payload))
+        self._send(messages.RunTask(number, cloudpickle.dumps(remote),
+                                    payload))
         try:
             done = self._receive(f"running {task.describe()}", messages.Done)
         except WorkerDiedError:
             if task.kind == "save":  # Killed mid-save: tidy up after it.
-                remove_temporaries(task.args[0], self.process.pid)
+                remove_temporaries(task.args[0], self._worker.pid)
             raise
         return done.effects
 
     def finish(self) -> None:
         """Copies the worker's callback state back onto the user's object,
         so that after `fit` it holds what plain Keras would have left."""
-        self._send(messages.Finish())
+        self._send(messages.Finish(self._lane[1]))
         state = self._receive("returning the callback's state",
                               messages.State)
         if self.callback is None:
@@ -256,27 +205,15 @@ class ProcessRunner:
                     type(exc).__name__, exc)
 
     def stop(self) -> None:
-        """Stops the worker (asks, then kills) and closes its pipes."""
-        process, self.process = self.process, None
-        if process is None:
+        """Detaches from the worker at the end of the run; the worker and
+        this lane in it stay warm (a dead worker's lane is dropped)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
             return
-        if process.poll() is None:
-            try:
-                self._send(messages.Stop())
-            except OSError:
-                pass  # It is exiting already; wait below.
-            try:
-                process.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for close, handle in ((Connection.close, self._conn),
-                              (os.close, self.sentinel),
-                              (os.close, self._lifeline)):
-            if handle is not None:
-                close(handle)
-        self._conn = self.sentinel = self._lifeline = None
-        self._blueprint = None
+        self.sentinel = None
+        if not worker.alive:
+            self._close_lane()
+        pool.release(worker)
 
     def close(self) -> None:
         """End of run (lane side): nothing to drop in this process."""

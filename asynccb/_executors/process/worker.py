@@ -1,22 +1,24 @@
-"""The main function of a worker process (spawned, one per callback).
+"""The main function of a worker process: one, warm, per training process.
 
 Started as `python -m asynccb._executors.process.worker <socket fd>
 <lifeline fd>` with an environment that hides accelerators and limits
 threads. `initialize` sets the process up before TensorFlow loads (lower
 priority, deaf to Ctrl-C, which the training process handles) and takes
-the `Init` message; `serve` then runs the lane's tasks (`messages.py`)
-until told to stop, or until the training process dies: the lifeline
-pipe's end closes with it, and the worker exits within moments.
+the `Init` message; `serve` then runs the lanes' messages (`messages.py`),
+each lane on a thread of its own (one callback's hooks in order, a slow
+callback never delaying another), until told to stop, or until the
+training process dies: the lifeline pipe's end closes with it, and the
+worker exits within moments.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from asynccb._executors.process import messages
@@ -61,86 +63,133 @@ def _callback_state(callback: Any) -> dict[str, bytes]:
     return state
 
 
-@dataclass
 class _Lane:
-    """What a worker holds for its lane between messages."""
+    """One lane in the worker: its runner, its buffer mappings and its
+    shadow's source, and the thread that runs its messages in order.
 
-    runner: Any  # TaskRunner
-    buffers: Any  # SharedBuffers
-    blueprint_data: bytes | None = None
-    blueprint: Any = None  # Loaded from `blueprint_data` when first needed.
+    The runner and the shadow outlive a run: the next run of the same
+    callback, on the same model, rebuilds nothing.
+    """
+
+    def __init__(self, number: int, open_: messages.Open, reply: Any):
+        from asynccb._executors.process.shared_memory import SharedBuffers
+        from asynccb._tasks import TaskRunner
+
+        self.number = number
+        self.runner = TaskRunner(None, open_.deferred_control)
+        self.buffers = SharedBuffers(open_.capacity)
+        self.blueprint_data: bytes | None = None
+        self.blueprint: Any = None  # Loaded when first needed.
+        self._reply = reply
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"asynccb-lane-{number}", daemon=True)
+        self._thread.start()
+
+    def put(self, message: Any) -> None:
+        self._inbox.put(message)
+
+    def close(self) -> None:
+        """Ends its thread once the messages before this one are done."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        try:
+            while (message := self._inbox.get()) is not None:
+                if isinstance(message, messages.Blueprint):
+                    self.blueprint_data, self.blueprint = message.data, None
+                    continue
+                if isinstance(message, messages.Finish):
+                    callback = self.runner.callback
+                    reply: Any = messages.State(
+                        self.number,
+                        _callback_state(callback) if callback is not None
+                        else {})
+                else:
+                    try:
+                        reply = messages.Done(self.number, self._run(message))
+                    except BaseException as exc:
+                        reply = messages.Failed(
+                            self.number, messages.ExceptionReport.of(exc))
+                self._reply(reply)
+        finally:
+            self.runner.close()
+            self.buffers.close()
+
+    def _run(self, message: messages.RunTask) -> dict[str, Any]:
+        """Loads the task (and what it names) and runs it: every load and
+        every mapping here, where a failure is reported."""
+        import numpy as np
+
+        task = pickle.loads(message.task)
+        try:
+            if task.model == USE_BLUEPRINT:
+                if self.blueprint is None:
+                    self.blueprint = pickle.loads(self.blueprint_data)
+                task.model = self.blueprint
+            snapshot = task.snapshot
+            if snapshot is not None:
+                snapshot.data = (
+                    np.empty(0, np.uint8) if snapshot.name is None
+                    else self.buffers.array(snapshot.name,
+                                            snapshot.layout.nbytes))
+            if message.callback is not None:
+                self.runner.callback = pickle.loads(message.callback)
+            return self.runner.run(task)
+        finally:
+            task.snapshot = None  # Unmapped with the last view of it.
 
 
-def initialize(conn: Any, lifeline: int) -> _Lane:
+def initialize(conn: Any, lifeline: int) -> None:
     """Sets the process up and takes the `Init` message; replies `Ready`."""
     threading.Thread(target=_exit_with_parent, args=(lifeline,),
                      daemon=True).start()
     _set_up_process()
-
-    from asynccb._executors.process.shared_memory import SharedBuffers
-    from asynccb._tasks import TaskRunner
+    # What the lanes' threads import, loaded once, here.
+    import asynccb._executors.process.shared_memory  # noqa: F401
+    import asynccb._tasks  # noqa: F401
 
     init = messages.decode(conn.recv_bytes())
     assert isinstance(init, messages.Init), init
     sys.path[:] = init.sys_path  # Where the training process finds code.
-    lane = _Lane(TaskRunner(None, init.deferred_control),
-                 SharedBuffers(init.capacity))
     conn.send_bytes(messages.encode(messages.Ready()))
-    return lane
 
 
-def _run(lane: _Lane, message: messages.RunTask) -> messages.Done:
-    """Loads the task (and what it names) and runs it: every load and
-    every mapping here, where a failure is reported."""
-    import numpy as np
+def serve(conn: Any) -> None:
+    """Routes each message to its lane's thread until `Stop`; replies go
+    back from the lanes' threads, one at a time."""
+    lock = threading.Lock()
 
-    task = pickle.loads(message.task)
-    try:
-        if task.model == USE_BLUEPRINT:
-            if lane.blueprint is None:
-                lane.blueprint = pickle.loads(lane.blueprint_data)
-            task.model = lane.blueprint
-        snapshot = task.snapshot
-        if snapshot is not None:
-            snapshot.data = (
-                np.empty(0, np.uint8) if snapshot.name is None
-                else lane.buffers.array(snapshot.name,
-                                        snapshot.layout.nbytes))
-        if message.callback is not None:
-            lane.runner.callback = pickle.loads(message.callback)
-        return messages.Done(lane.runner.run(task))
-    finally:
-        task.snapshot = None  # Unmapped with the last view of it.
+    def reply(message: Any) -> None:
+        with lock:
+            conn.send_bytes(messages.encode(message))
 
-
-def serve(conn: Any, lane: _Lane) -> None:
-    """Runs the lane's messages until `Stop`."""
+    lanes: dict[int, _Lane] = {}
     try:
         while True:
             message = messages.decode(conn.recv_bytes())
             if isinstance(message, messages.Stop):
                 return
-            if isinstance(message, messages.Blueprint):
-                lane.blueprint_data, lane.blueprint = message.data, None
-                continue
-            if isinstance(message, messages.Finish):
-                callback = lane.runner.callback
-                reply: Any = messages.State(
-                    _callback_state(callback) if callback is not None else {})
+            if isinstance(message, messages.Init):  # `sys.path` changed.
+                sys.path[:] = message.sys_path
+            elif isinstance(message, messages.Open):
+                lanes[message.lane] = _Lane(message.lane, message, reply)
+            elif isinstance(message, messages.Close):
+                lane = lanes.pop(message.lane, None)
+                if lane is not None:
+                    lane.close()
             else:
-                try:
-                    reply = _run(lane, message)
-                except BaseException as exc:
-                    reply = messages.Failed(messages.ExceptionReport.of(exc))
-            conn.send_bytes(messages.encode(reply))
+                lanes[message.lane].put(message)
     finally:
-        lane.runner.close()
-        lane.buffers.close()
+        for lane in lanes.values():
+            lane.close()
 
 
 def main(conn: Any, lifeline: int) -> None:
-    """Serves one offloaded callback; see the module docstring."""
-    serve(conn, initialize(conn, lifeline))
+    """Serves the lanes of one training process; see the docstring."""
+    initialize(conn, lifeline)
+    serve(conn)
     # Asked to stop, with nothing left to do: skip the interpreter's
     # teardown (unloading TensorFlow takes seconds), which the training
     # process would otherwise wait for at the end of every run.

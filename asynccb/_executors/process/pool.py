@@ -1,0 +1,289 @@
+"""The warm worker process, shared by every process-offloaded callback.
+
+One worker process per training process serves the lanes of every
+`AsyncCallback` and `AsyncCallbackList` that offload to a process, each on
+a thread of its own in the worker. It starts with the first lane that
+needs it (on that lane's forwarding thread: the training thread never
+waits for a TensorFlow import) and stays warm after the run, so a later
+`fit` starts at once and finds its shadow models built. It stops after
+`IDLE_TIMEOUT_S` without a run, at interpreter exit, or at
+`asynccb.shutdown()`; it never outlives the training process (its
+lifeline pipe closes with it).
+
+Why not `multiprocessing.Pool` or loky's reusable executor: both hand
+tasks to whichever worker is free, with no state kept between tasks, while
+a lane is stateful (the callback object, its shadow, its mapped buffers)
+and ordered (one callback's hooks run in call order), and every wait must
+also watch the worker's death, which their futures report only as a
+broken pool. Here a reader thread routes each reply to its lane's mailbox
+and turns the worker's death into an error for every lane it served.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from asynccb._errors import WorkerDiedError
+from asynccb._executors.process import messages
+
+__all__ = ["WorkerProcess", "IDLE_TIMEOUT_S", "acquire", "release",
+           "shutdown"]
+
+WORKER_MODULE = "asynccb._executors.process.worker"
+
+IDLE_TIMEOUT_S = 600.0
+"""How long the worker stays warm without a run before it stops."""
+
+_STOP_TIMEOUT_S = 30  # A worker told to stop is killed if still alive then.
+
+# Read by TensorFlow when it loads in the worker: no accelerator (training
+# owns it), one thread each (training owns the cores).
+WORKER_ENVIRONMENT = {
+    "PYTHONUNBUFFERED": "1",  # A callback's prints appear when printed.
+    "CUDA_VISIBLE_DEVICES": "-1",
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
+
+
+def _sentinel(pid: int) -> int | None:
+    """A pidfd: readable when process `pid` exits (Linux 5.3+). Elsewhere
+    `None`, and a death shows as the end of the worker's socket."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+class _Died:
+    """Put in a lane's mailbox when the worker died."""
+
+    def __init__(self, exitcode: int):
+        self.exitcode = exitcode
+
+
+class WorkerProcess:
+    """One worker process, the lanes it serves, and their mailboxes.
+
+    Starting it blocks the calling (forwarding) thread until the worker
+    has imported TensorFlow and replied `Ready`.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        lifeline_read, self._lifeline = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", WORKER_MODULE,
+                 str(theirs.fileno()), str(lifeline_read)],
+                pass_fds=(theirs.fileno(), lifeline_read),
+                env={**os.environ, **WORKER_ENVIRONMENT},
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+            os.close(lifeline_read)
+        self.pid = self.process.pid
+        self.sentinel = _sentinel(self.pid)
+        self.users = 0  # Lanes attached for a run; guarded by the pool.
+        self.exitcode: int | None = None  # Set once it is found dead.
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._mailboxes: dict[int, queue.SimpleQueue] = {}
+        # Lanes whose runner was collected: closed with the next message
+        # sent (a finalizer may run anywhere, even inside `send`, so it
+        # only appends here).
+        self._closing: collections.deque[int] = collections.deque()
+        self._next_lane = 0
+        self._lock = threading.Lock()
+        self._path = tuple(sys.path)
+        self.send(messages.Init(self._path))
+        ready = self._wait_reply()
+        if not isinstance(ready, messages.Ready):
+            raise self.died_error("starting")
+        self._reader = threading.Thread(
+            target=self._read, name="asynccb-pool-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.exitcode is None
+
+    def _wait_reply(self) -> Any:
+        ready = wait([self._conn] + ([self.sentinel] if self.sentinel else []))
+        if self._conn in ready:
+            try:
+                return messages.decode(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                pass  # Its end closed as it died.
+        self.exitcode = self.process.wait()
+        return None
+
+    def _read(self) -> None:
+        """Routes replies to their lanes until the worker is gone; then
+        tells every lane it died."""
+        while (reply := self._wait_reply()) is not None:
+            mailbox = self._mailboxes.get(reply.lane)
+            if mailbox is not None:
+                mailbox.put(reply)
+        with self._lock:
+            for mailbox in self._mailboxes.values():
+                mailbox.put(_Died(self.exitcode))
+
+    def send(self, message: messages.ToWorker) -> None:
+        with self._send_lock:
+            while self._closing:
+                number = self._closing.popleft()
+                self._mailboxes.pop(number, None)
+                self._conn.send_bytes(messages.encode(messages.Close(number)))
+            self._conn.send_bytes(messages.encode(message))
+
+    def follow_path(self) -> None:
+        """Gives the worker the training process' `sys.path` if it changed
+        since (a run can import what an earlier one could not)."""
+        path = tuple(sys.path)
+        if path != self._path:
+            self._path = path
+            self.send(messages.Init(path))
+
+    def open_lane(self, deferred_control: bool, capacity: int) -> int:
+        with self._lock:
+            number = self._next_lane
+            self._next_lane += 1
+            mailbox: queue.SimpleQueue = queue.SimpleQueue()
+            if not self.alive:
+                mailbox.put(_Died(self.exitcode))
+            self._mailboxes[number] = mailbox
+        self.send(messages.Open(number, deferred_control, capacity))
+        return number
+
+    def close_lane(self, number: int) -> None:
+        """Marks a lane closed; the worker hears it with the next message
+        (or never, if it stops first: then there is nothing to close)."""
+        self._closing.append(number)
+
+    def receive(self, lane: int, doing: str, expected: type) -> Any:
+        """The lane's next reply, of type `expected`; raises the worker's
+        exception (`Failed`) or its death."""
+        reply = self._mailboxes[lane].get()
+        if isinstance(reply, _Died):
+            self._mailboxes[lane].put(reply)  # For whatever asks next.
+            raise self.died_error(doing)
+        if isinstance(reply, messages.Failed):
+            raise reply.error.rebuild()
+        if not isinstance(reply, expected):
+            raise RuntimeError(
+                f"asynccb: worker process (pid {self.pid}) replied "
+                f"{reply!r} while {doing}.")
+        return reply
+
+    def died_error(self, doing: str) -> WorkerDiedError:
+        """The error for this worker, found dead while `doing` something."""
+        exitcode = self.process.wait()
+        self.exitcode = exitcode
+        error = WorkerDiedError(
+            f"worker process (pid {self.pid}) died while {doing}",
+            exitcode=exitcode)
+        how = (f"killed by {error.signal}" if error.signal
+               else f"exit code {exitcode}")
+        error.args = (f"{error.args[0]}: {how}",)
+        return error
+
+    def stop(self) -> None:
+        """Stops the worker (asks, then kills) and closes its pipes. Only
+        with no lane attached: a lane's forwarding thread may be waiting
+        on its sentinel."""
+        if self.process.poll() is None:
+            try:
+                self.send(messages.Stop())
+            except OSError:
+                pass  # It is exiting already; wait below.
+            try:
+                self.process.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join()
+        self._conn.close()
+        for handle in (self.sentinel, self._lifeline):
+            if handle is not None:
+                os.close(handle)
+        self.sentinel = self._lifeline = None
+
+
+class _Pool:
+    """The training process' worker: started on demand, shared, warm."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._worker: WorkerProcess | None = None
+        self._idle: threading.Timer | None = None
+
+    def acquire(self) -> WorkerProcess:
+        """The warm worker (started now if there is none, or it died),
+        attached for a run."""
+        with self._lock:
+            self._cancel_idle()
+            worker = self._worker
+            if worker is None or not worker.alive:
+                worker = self._worker = WorkerProcess()
+            worker.users += 1
+            return worker
+
+    def release(self, worker: WorkerProcess) -> None:
+        """Detaches a lane at the end of its run."""
+        with self._lock:
+            worker.users -= 1
+            if worker.users:
+                return
+            if worker is not self._worker or not worker.alive:
+                worker.stop()  # Dead, or replaced: its last lane is done.
+                if worker is self._worker:
+                    self._worker = None
+                return
+            self._idle = threading.Timer(IDLE_TIMEOUT_S, self._expire,
+                                         args=(worker,))
+            self._idle.name = "asynccb-pool-idle"
+            self._idle.daemon = True
+            self._idle.start()
+
+    def _cancel_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.cancel()
+            if idle is not threading.current_thread():
+                idle.join()
+
+    def _expire(self, worker: WorkerProcess) -> None:
+        with self._lock:
+            if worker is self._worker and worker.users == 0:
+                self._idle = None
+                self._worker = None
+                worker.stop()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            worker = self._worker
+            if worker is not None and worker.users:
+                raise RuntimeError(
+                    "asynccb.shutdown() was called while a run uses the "
+                    "worker process; call it after `fit` returns.")
+            self._cancel_idle()
+            self._worker = None
+        if worker is not None:
+            worker.stop()
+
+
+_pool = _Pool()
+acquire = _pool.acquire
+release = _pool.release
+shutdown = _pool.shutdown
