@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import uuid
 from multiprocessing import resource_tracker, shared_memory
 
@@ -56,19 +57,31 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 
 class SharedBuffers:
-    """A worker's mappings of the training process' buffers, by name.
+    """A worker's mappings of the training process' buffers, by name: one
+    per segment, shared by the lanes that read it (each mapping is also a
+    registration with the resource tracker, which counts none twice).
 
     Args:
         capacity: How many mappings to keep; the least recently used one is
-            closed beyond that (the pool never has more buffers alive).
+            closed beyond that (the pools never have more buffers alive).
+            Lanes add their share as they open (`grow`).
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._mapped: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def grow(self, capacity: int) -> None:
+        with self._lock:
+            self.capacity += capacity
 
     def array(self, name: str, nbytes: int) -> np.ndarray:
         """The first `nbytes` of segment `name`, as a uint8 array."""
+        with self._lock:
+            return self._array(name, nbytes)
+
+    def _array(self, name: str, nbytes: int) -> np.ndarray:
         entry = self._mapped.get(name)
         if entry is None:
             # Map it whole: one buffer serves snapshots of several sizes.
@@ -91,5 +104,6 @@ class SharedBuffers:
             pass  # A shadow still reads from it; unmapped when it is done.
 
     def close(self) -> None:
-        while self._mapped:
-            self._close(self._mapped.popitem()[1])
+        with self._lock:
+            while self._mapped:
+                self._close(self._mapped.popitem()[1])

@@ -64,20 +64,21 @@ def _callback_state(callback: Any) -> dict[str, bytes]:
 
 
 class _Lane:
-    """One lane in the worker: its runner, its buffer mappings and its
-    shadow's source, and the thread that runs its messages in order.
+    """One lane in the worker: its runner and its shadow's source, and the
+    thread that runs its messages in order.
 
     The runner and the shadow outlive a run: the next run of the same
     callback, on the same model, rebuilds nothing.
     """
 
-    def __init__(self, number: int, open_: messages.Open, reply: Any):
-        from asynccb._executors.process.shared_memory import SharedBuffers
+    def __init__(self, number: int, open_: messages.Open, reply: Any,
+                 buffers: Any):
         from asynccb._tasks import TaskRunner
 
         self.number = number
         self.runner = TaskRunner(None, open_.deferred_control)
-        self.buffers = SharedBuffers(open_.capacity)
+        self.buffers = buffers  # The worker's mappings, shared.
+        buffers.grow(open_.capacity)
         self.blueprint_data: bytes | None = None
         self.blueprint: Any = None  # Loaded when first needed.
         self._reply = reply
@@ -115,7 +116,6 @@ class _Lane:
                 self._reply(reply)
         finally:
             self.runner.close()
-            self.buffers.close()
 
     def _run(self, message: messages.RunTask) -> dict[str, Any]:
         """Loads the task (and what it names) and runs it: every load and
@@ -165,6 +165,9 @@ def serve(conn: Any) -> None:
         with lock:
             conn.send_bytes(messages.encode(message))
 
+    from asynccb._executors.process.shared_memory import SharedBuffers
+
+    buffers = SharedBuffers(0)
     lanes: dict[int, _Lane] = {}
     try:
         while True:
@@ -174,7 +177,8 @@ def serve(conn: Any) -> None:
             if isinstance(message, messages.Init):  # `sys.path` changed.
                 sys.path[:] = message.sys_path
             elif isinstance(message, messages.Open):
-                lanes[message.lane] = _Lane(message.lane, message, reply)
+                lanes[message.lane] = _Lane(message.lane, message, reply,
+                                            buffers)
             elif isinstance(message, messages.Close):
                 lane = lanes.pop(message.lane, None)
                 if lane is not None:
@@ -184,6 +188,7 @@ def serve(conn: Any) -> None:
     finally:
         for lane in lanes.values():
             lane.close()
+        buffers.close()
 
 
 def main(conn: Any, lifeline: int) -> None:
