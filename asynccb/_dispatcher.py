@@ -191,7 +191,8 @@ class Dispatcher:
                 for lane in self.lanes:
                     lane.restore()
                 self.pool.close()
-                self._layouts.clear()
+                # Layouts stay: the next run of the same model reuses them
+                # (and their compiled readers); `_layout` checks they fit.
                 self._depth = 0
                 self._running = False
                 if self._watch is not None:
