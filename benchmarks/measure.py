@@ -38,6 +38,24 @@ def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process `pid` so far (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants_cpu_and_rss() -> tuple[float, int]:
+    """CPU seconds and resident bytes of this process' descendants (its
+    worker processes), now."""
+    pids = _descendants(os.getpid())
+    return (sum(cpu_seconds(pid) for pid in pids),
+            sum(_rss_bytes(pid) for pid in pids))
+
+
 def _rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as status:

@@ -28,6 +28,9 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from measure import descendants_cpu_and_rss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,30 +43,6 @@ def parse_args(argv=None):
     parser.add_argument("--tf-threads", type=int, default=1,
                         help="TensorFlow intra-op threads for training")
     return parser.parse_args(argv)
-
-
-def _children_cpu_and_rss() -> tuple[float, int]:
-    """CPU seconds (user + system) and resident bytes of this process'
-    live asynccb workers, from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu, rss = 0.0, 0
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != me:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if b"asynccb._executors.process.worker" not in cmdline.read():
-                    continue
-            cpu += (int(fields[11]) + int(fields[12])) / ticks
-            rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-    return cpu, rss
 
 
 def _own_cpu() -> float:
@@ -105,13 +84,13 @@ def main(argv=None) -> dict:
         return [AsyncCallback(cb, executor=executor) for cb in made]
 
     def fit(m, cbs):
-        own, (workers, _) = _own_cpu(), _children_cpu_and_rss()
+        own, (workers, _) = _own_cpu(), descendants_cpu_and_rss()
         start = time.perf_counter()
         m.fit(x, y, epochs=args.epochs, batch_size=64, verbose=0,
               callbacks=cbs)
         wall = time.perf_counter() - start
         return (wall, _own_cpu() - own,
-                _children_cpu_and_rss()[0] - workers)
+                descendants_cpu_and_rss()[0] - workers)
 
     # Refit: one model and one set of callbacks per executor, as a user
     # calling `fit` again in a notebook would have.
@@ -136,7 +115,7 @@ def main(argv=None) -> dict:
             m = model()
             m.fit(x, y, epochs=1, batch_size=64, verbose=0,
                   callbacks=callbacks("process", count))
-            memory[count].append(_children_cpu_and_rss()[1])
+            memory[count].append(descendants_cpu_and_rss()[1])
     asynccb.shutdown()
 
     def med(values):
