@@ -335,3 +335,81 @@ def test_process_lane_appended_to_a_list_at_work():
     for epoch in (1, 2):
         np.testing.assert_array_equal(in_process.kernels[epoch],
                                       in_thread.kernels[epoch])
+
+
+class RecordsItsShadow(keras.callbacks.Callback):
+    """In the worker: which process and which shadow each run ended with
+    (the first run's shadow is rebuilt once, when the optimizer is built
+    in its first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_end(self, logs=None):
+        self.seen.append((os.getpid(), id(self.model)))
+
+
+def test_a_later_fit_reuses_the_warm_worker_and_its_shadow():
+    """Guarantee 14: the second `fit` pays no TensorFlow import and no
+    rebuild of its unchanged model's shadow; two callbacks share the one
+    worker, each on its own thread there."""
+    from conftest import worker_processes
+
+    first, second = RecordsItsShadow(), RecordsItsShadow()
+    callbacks = [AsyncCallback(first, executor="process", state="weights"),
+                 AsyncCallback(second, executor="process", state="weights")]
+    model = _model(Doubler())
+    x, y = mnist_like(64)
+    for _ in range(2):
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0,
+                  callbacks=callbacks)
+        assert len(worker_processes()) == 1  # Still there, between fits.
+    (pid, shadow), (pid_again, shadow_again) = first.seen
+    assert pid_again == pid != os.getpid()
+    assert shadow_again == shadow  # Not rebuilt.
+    assert second.seen[0][0] == pid  # The same worker serves both.
+
+
+def test_idle_worker_stops_after_the_timeout(monkeypatch):
+    from conftest import worker_processes
+
+    import asynccb
+    from asynccb._executors.process import pool
+
+    asynccb.shutdown()
+    monkeypatch.setattr(pool, "IDLE_TIMEOUT_S", 0.2)
+    x, y = mnist_like(64)
+    callback = RecordsItsShadow()
+    _model(Doubler()).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                          callbacks=[AsyncCallback(callback,
+                                                   executor="process",
+                                                   state="none")])
+    [(pid, _)] = worker_processes()
+    assert callback.seen[0][0] == pid
+    assert wait_for_exit(pid, JOIN_TIMEOUT_S), "the idle worker stayed"
+    assert worker_processes() == []
+
+
+def test_shutdown_during_a_run_is_an_error():
+    import asynccb
+
+    attempts = []
+
+    class ShutsDown(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            try:
+                asynccb.shutdown()
+            except RuntimeError as exc:
+                attempts.append(str(exc))
+
+    x, y = mnist_like(64)
+    callback = RecordsItsShadow()
+    _model(Doubler()).fit(x, y, epochs=2, batch_size=32, verbose=0,
+                          callbacks=[AsyncCallback(callback,
+                                                   executor="process",
+                                                   state="none"),
+                                     ShutsDown()])
+    assert len(attempts) == 2
+    assert "call it after `fit` returns" in attempts[0]
+    assert len(callback.seen) == 1  # The run went on, in its worker.

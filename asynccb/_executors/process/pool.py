@@ -106,10 +106,16 @@ class WorkerProcess:
         self._next_lane = 0
         self._lock = threading.Lock()
         self._path = tuple(sys.path)
-        self.send(messages.Init(self._path))
-        ready = self._wait_reply()
-        if not isinstance(ready, messages.Ready):
-            raise self.died_error("starting")
+        try:
+            self.send(messages.Init(self._path))
+            ready = self._wait_reply()
+            if not isinstance(ready, messages.Ready):
+                raise self.died_error("starting")
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            self._close_handles()
+            raise
         self._reader = threading.Thread(
             target=self._read, name="asynccb-pool-reader", daemon=True)
         self._reader.start()
@@ -213,6 +219,9 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self._reader.join()
+        self._close_handles()
+
+    def _close_handles(self) -> None:
         self._conn.close()
         for handle in (self.sentinel, self._lifeline):
             if handle is not None:
@@ -250,25 +259,27 @@ class _Pool:
                 if worker is self._worker:
                     self._worker = None
                 return
-            self._idle = threading.Timer(IDLE_TIMEOUT_S, self._expire,
-                                         args=(worker,))
-            self._idle.name = "asynccb-pool-idle"
-            self._idle.daemon = True
-            self._idle.start()
+            idle = threading.Timer(IDLE_TIMEOUT_S, self._expire)
+            idle.args = (idle,)
+            idle.name = "asynccb-pool-idle"
+            idle.daemon = True
+            self._idle = idle
+            idle.start()
 
     def _cancel_idle(self) -> None:
+        # Not joined: a timer that already fired waits for the lock held
+        # here; `_expire` then sees it is no longer the current one.
         idle, self._idle = self._idle, None
         if idle is not None:
             idle.cancel()
-            if idle is not threading.current_thread():
-                idle.join()
 
-    def _expire(self, worker: WorkerProcess) -> None:
+    def _expire(self, timer: threading.Timer) -> None:
         with self._lock:
-            if worker is self._worker and worker.users == 0:
-                self._idle = None
-                self._worker = None
-                worker.stop()
+            if timer is not self._idle:
+                return  # Cancelled: a run came, or a shutdown.
+            worker, self._worker, self._idle = self._worker, None, None
+        if worker is not None:
+            worker.stop()
 
     def shutdown(self) -> None:
         with self._lock:
