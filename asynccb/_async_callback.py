@@ -14,7 +14,6 @@ from asynccb._lane import Lane
 from asynccb._options import (
     EXECUTORS,
     check_callback,
-    check_choice,
     check_policy,
     check_positive_int,
 )
@@ -114,8 +113,7 @@ class AsyncCallback(keras.callbacks.Callback):
             )
         if executor is None:
             executor = default_executor(callback)
-        check_choice("executor", executor, EXECUTORS)
-        kind = get_executor(executor)
+        kind = get_executor(executor)  # Raises, naming the choices.
         check_positive_int("max_pending", max_pending)
         check_positive_int("max_snapshots", max_snapshots)
         check_policy(on_full)

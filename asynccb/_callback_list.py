@@ -17,9 +17,9 @@ from asynccb._async_callback import (
     AsyncCallback,
 )
 from asynccb._dispatcher import Dispatcher
+from asynccb._executors import get_executor
 from asynccb._hooks import call_hook
 from asynccb._options import (
-    EXECUTORS,
     check_callback,
     check_choice,
     check_policy,
@@ -136,7 +136,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
     ):
         check_choice("offload", offload, ("auto", "explicit"))
         if executor is not None:
-            check_choice("executor", executor, EXECUTORS)
+            get_executor(executor)  # Raises, naming the choices.
         check_positive_int("max_pending", max_pending)
         check_positive_int("max_snapshots", max_snapshots)
         check_policy(on_full)

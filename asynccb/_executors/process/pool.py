@@ -64,11 +64,8 @@ def _sentinel(pid: int) -> int | None:
         return None
 
 
-class _Died:
-    """Put in a lane's mailbox when the worker died."""
-
-    def __init__(self, exitcode: int):
-        self.exitcode = exitcode
+_DIED = object()
+"""Put in a lane's mailbox when the worker died (`died_error` says how)."""
 
 
 class WorkerProcess:
@@ -143,7 +140,7 @@ class WorkerProcess:
                 mailbox.put(reply)
         with self._lock:
             for mailbox in self._mailboxes.values():
-                mailbox.put(_Died(self.exitcode))
+                mailbox.put(_DIED)
 
     def send(self, message: messages.ToWorker) -> None:
         with self._send_lock:
@@ -167,7 +164,7 @@ class WorkerProcess:
             self._next_lane += 1
             mailbox: queue.SimpleQueue = queue.SimpleQueue()
             if not self.alive:
-                mailbox.put(_Died(self.exitcode))
+                mailbox.put(_DIED)
             self._mailboxes[number] = mailbox
         self.send(messages.Open(number, deferred_control, capacity))
         return number
@@ -181,7 +178,7 @@ class WorkerProcess:
         """The lane's next reply, of type `expected`; raises the worker's
         exception (`Failed`) or its death."""
         reply = self._mailboxes[lane].get()
-        if isinstance(reply, _Died):
+        if reply is _DIED:
             self._mailboxes[lane].put(reply)  # For whatever asks next.
             raise self.died_error(doing)
         if isinstance(reply, messages.Failed):
