@@ -9,24 +9,21 @@ from typing import Any
 import keras
 
 from asynccb._dispatcher import Dispatcher
+from asynccb._executors import EXECUTORS, get_executor
 from asynccb._hooks import call_hook, effective_hooks
 from asynccb._lane import Lane
 from asynccb._options import (
-    EXECUTORS,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_SNAPSHOTS,
+    Options,
     check_callback,
-    check_policy,
-    check_positive_int,
 )
-from asynccb._executors import get_executor
 from asynccb._roles import StateSpec, default_executor, is_control
 from asynccb._saving import OffloadedSavesModel
 from asynccb._snapshot import StateLevel
 from asynccb._stats import CallbackStats
 
 __all__ = ["AsyncCallback"]
-
-DEFAULT_MAX_PENDING = 16
-DEFAULT_MAX_SNAPSHOTS = 2
 
 
 class AsyncCallback(keras.callbacks.Callback):
@@ -104,6 +101,31 @@ class AsyncCallback(keras.callbacks.Callback):
         deferred_control: bool = False,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
     ):
+        options = Options(
+            executor=executor,
+            max_pending=max_pending,
+            on_full=on_full,
+            max_snapshots=max_snapshots,
+        )
+        self._setup(callback, options, state, deferred_control)
+
+    @classmethod
+    def _with_options(
+        cls, callback: keras.callbacks.Callback, options: Options
+    ) -> AsyncCallback:
+        """Wraps `callback` with `options` as they are: for an
+        `AsyncCallbackList`, whose options were checked when it was made."""
+        self = cls.__new__(cls)
+        self._setup(callback, options, state=None, deferred_control=False)
+        return self
+
+    def _setup(
+        self,
+        callback: keras.callbacks.Callback,
+        options: Options,
+        state: StateSpec | None,
+        deferred_control: bool,
+    ) -> None:
         super().__init__()
         check_callback("callback", callback)
         if isinstance(callback, AsyncCallback):
@@ -111,12 +133,8 @@ class AsyncCallback(keras.callbacks.Callback):
                 "The callback is already an AsyncCallback; wrap the original "
                 f"callback once. Received: callback={callback!r}"
             )
-        if executor is None:
-            executor = default_executor(callback)
-        kind = get_executor(executor)  # Raises, naming the choices.
-        check_positive_int("max_pending", max_pending)
-        check_positive_int("max_snapshots", max_snapshots)
-        check_policy(on_full)
+        executor = options.executor or default_executor(callback)
+        kind = get_executor(executor)
         if is_control(callback) and not deferred_control:
             raise ValueError(
                 f"{type(callback).__name__} controls training (it can stop "
@@ -144,14 +162,14 @@ class AsyncCallback(keras.callbacks.Callback):
         self._lane = Lane(
             callback,
             executor=kind,
-            max_pending=max_pending,
-            on_full=on_full,
+            max_pending=options.max_pending,
+            on_full=options.on_full,
             state=state,
             deferred_control=deferred_control,
         )
         if not self._lane.saves_only:
             kind.check(callback)  # Fails now if it cannot run there.
-        self._dispatcher = Dispatcher(max_snapshots)
+        self._dispatcher = Dispatcher(options.max_snapshots)
         self._dispatcher.add_lane(self._lane)
         self._owns_dispatcher = True
         weakref.finalize(self, self._dispatcher.close)

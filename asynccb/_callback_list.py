@@ -11,19 +11,15 @@ from typing import Any
 import keras
 from keras import tree
 
-from asynccb._async_callback import (
-    DEFAULT_MAX_PENDING,
-    DEFAULT_MAX_SNAPSHOTS,
-    AsyncCallback,
-)
+from asynccb._async_callback import AsyncCallback
 from asynccb._dispatcher import Dispatcher
-from asynccb._executors import get_executor
 from asynccb._hooks import call_hook
 from asynccb._options import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_SNAPSHOTS,
+    Options,
     check_callback,
     check_choice,
-    check_policy,
-    check_positive_int,
 )
 from asynccb._roles import is_control, is_known_slow, model_changing_hooks
 from asynccb._stats import SampleMap, Stats, SyncCallbackStats
@@ -135,16 +131,14 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         **params: Any,
     ):
         check_choice("offload", offload, ("auto", "explicit"))
-        if executor is not None:
-            get_executor(executor)  # Raises, naming the choices.
-        check_positive_int("max_pending", max_pending)
-        check_positive_int("max_snapshots", max_snapshots)
-        check_policy(on_full)
         self._offload = offload
-        self._wrap_options = dict(
-            executor=executor, max_pending=max_pending, on_full=on_full
+        self._options = Options(
+            executor=executor,
+            max_pending=max_pending,
+            on_full=on_full,
+            max_snapshots=max_snapshots,
         )
-        self._dispatcher = Dispatcher(max_snapshots)
+        self._dispatcher = Dispatcher(self._options.max_snapshots)
         self._sync_times: dict[int, tuple[Any, SampleMap]] = {}
         self._changing: dict[int, frozenset] = {}
         self._warned: set[int] = set()
@@ -164,7 +158,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             callback._bind(self._dispatcher)
             return callback
         if self._offload == "auto" and is_known_slow(callback):
-            wrapped = AsyncCallback(callback, **self._wrap_options)
+            wrapped = AsyncCallback._with_options(callback, self._options)
             wrapped._bind(self._dispatcher)
             return wrapped
         return callback

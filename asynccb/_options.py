@@ -1,18 +1,32 @@
-"""Argument checks shared by `AsyncCallback` and `AsyncCallbackList`."""
+"""The offloading options shared by `AsyncCallback` and `AsyncCallbackList`,
+and the argument checks both use."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import keras
-
 from asynccb._channel import POLICIES
-from asynccb._executors import EXECUTORS
+from asynccb._executors import get_executor
 
-__all__ = ["EXECUTORS", "check_callback", "check_choice", "check_positive_int"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_SNAPSHOTS",
+    "Options",
+    "check_callback",
+    "check_choice",
+]
+
+DEFAULT_MAX_PENDING = 16
+DEFAULT_MAX_SNAPSHOTS = 2
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Returns `value` if it is one of `choices`.
+
+    Raises:
+        ValueError: Naming `name`, the choices and the value received.
+    """
     if not isinstance(value, str) or value not in choices:
         raise ValueError(
             f"`{name}` must be one of {', '.join(map(repr, choices))}. "
@@ -21,7 +35,8 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_positive_int(name: str, value: Any) -> int:
+def _check_positive_int(name: str, value: Any) -> int:
+    # `True` is an int to Python, never a queue bound to a user.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"`{name}` must be a positive integer. Received: {name}={value!r}"
@@ -30,6 +45,15 @@ def check_positive_int(name: str, value: Any) -> int:
 
 
 def check_callback(name: str, value: Any) -> Any:
+    """Returns `value` if it is a `keras.callbacks.Callback`.
+
+    Raises:
+        TypeError: Naming `name` and the value received.
+    """
+    # Imported here, so that `Options` loads without TensorFlow; whoever
+    # checks a callback has Keras loaded already.
+    import keras
+
     if not isinstance(value, keras.callbacks.Callback):
         raise TypeError(
             f"`{name}` must be a `keras.callbacks.Callback` instance. "
@@ -38,5 +62,36 @@ def check_callback(name: str, value: Any) -> Any:
     return value
 
 
-def check_policy(value: Any) -> str:
-    return check_choice("on_full", value, POLICIES)
+@dataclass(frozen=True)
+class Options:
+    """How offloaded callbacks run: checked once, here, when made.
+
+    `AsyncCallback` and `AsyncCallbackList` take these as keyword arguments
+    and build one `Options` from them; a list hands its `Options` to the
+    `AsyncCallback`s it makes, which then need no checks of their own. It is
+    frozen so that what was checked is what is used.
+
+    Args:
+        executor: `"thread"`, `"process"` or `"async"`; `None` for each
+            callback's default (see `asynccb._roles.default_executor`).
+        max_pending: The most hooks that may wait in a callback's queue.
+        on_full: The full-queue policy: `"block"`, `"drop_oldest"` or
+            `"latest"`.
+        max_snapshots: The most snapshot buffers alive at once.
+
+    Raises:
+        ValueError: If a value is not one of its choices, or not a positive
+            integer; the message names the argument and the value received.
+    """
+
+    executor: str | None = None
+    max_pending: int = DEFAULT_MAX_PENDING
+    on_full: str = "block"
+    max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
+
+    def __post_init__(self) -> None:
+        if self.executor is not None:
+            get_executor(self.executor)  # Raises, naming the choices.
+        _check_positive_int("max_pending", self.max_pending)
+        check_choice("on_full", self.on_full, POLICIES)
+        _check_positive_int("max_snapshots", self.max_snapshots)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
 
 from asynccb import AsyncCallback, AsyncCallbackList
+from asynccb._options import Options
 
 
 def _csv(tmp_path):
@@ -103,6 +106,51 @@ def test_callback_list_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError) as caught:
         AsyncCallbackList([_csv(tmp_path)], **kwargs)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("cls", [AsyncCallback, AsyncCallbackList])
+def test_option_defaults_are_those_of_options(cls):
+    parameters = inspect.signature(cls).parameters
+    for field in ("executor", "max_pending", "on_full", "max_snapshots"):
+        assert parameters[field].default == getattr(Options(), field), field
+
+
+def test_list_wraps_with_its_options(tmp_path):
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"))
+    callbacks = AsyncCallbackList(
+        [_csv(tmp_path), checkpoint],
+        executor="async", max_pending=3, on_full="latest")
+    for wrapped in callbacks.callbacks:
+        assert isinstance(wrapped, AsyncCallback)
+        assert wrapped.executor == "async"
+        assert wrapped._lane.channel.capacity == 3
+        assert wrapped._lane.policy == "latest"
+
+    # Without an executor, each gets its own default.
+    csv, checkpoint = AsyncCallbackList(
+        [_csv(tmp_path), keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "n.keras"))]).callbacks
+    assert (csv.executor, checkpoint.executor) == ("thread", "process")
+    assert csv._lane.channel.capacity == Options().max_pending
+    assert checkpoint._lane.policy == Options().on_full
+
+
+def test_options_are_checked_once(tmp_path, monkeypatch):
+    checks = []
+    post_init = Options.__post_init__
+
+    def counting(self):
+        checks.append(self)
+        post_init(self)
+
+    monkeypatch.setattr(Options, "__post_init__", counting)
+    AsyncCallbackList(
+        [_csv(tmp_path), keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "m.keras"))], max_pending=5)
+    assert [options.max_pending for options in checks] == [5]
+    checks.clear()
+    AsyncCallback(_csv(tmp_path), max_pending=7)
+    assert [options.max_pending for options in checks] == [7]
 
 
 def test_unrebuildable_model_fails_before_training(tmp_path):

@@ -1,0 +1,73 @@
+"""`Options`, the one place offloading options are checked, without
+TensorFlow."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from asynccb._options import Options
+
+
+def test_defaults():
+    options = Options()
+    assert (options.executor, options.max_pending, options.on_full,
+            options.max_snapshots) == (None, 16, "block", 2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"executor": "thread"},
+    {"max_pending": 1, "max_snapshots": 1},
+    {"on_full": "drop_oldest"},
+    {"on_full": "latest"},
+])
+def test_accepts_good_values(kwargs):
+    options = Options(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(options, name) == value
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"executor": "gpu"}, "`executor` must be one of 'thread', 'process', "
+                              "'async'. Received: executor='gpu'"),
+        ({"executor": 3}, "Received: executor=3"),
+        ({"max_pending": 0}, "`max_pending` must be a positive integer. "
+                             "Received: max_pending=0"),
+        ({"max_pending": -3}, "Received: max_pending=-3"),
+        ({"max_pending": 2.5}, "Received: max_pending=2.5"),
+        ({"max_pending": True}, "Received: max_pending=True"),
+        ({"max_pending": "4"}, "Received: max_pending='4'"),
+        ({"max_snapshots": 0}, "`max_snapshots` must be a positive integer. "
+                               "Received: max_snapshots=0"),
+        ({"max_snapshots": None}, "Received: max_snapshots=None"),
+        ({"on_full": "newest"}, "`on_full` must be one of 'block', "
+                                "'drop_oldest', 'latest'. "
+                                "Received: on_full='newest'"),
+        ({"on_full": None}, "Received: on_full=None"),
+    ],
+)
+def test_rejects_bad_values_naming_them(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        Options(**kwargs)
+    assert message in str(caught.value)
+
+
+def test_frozen():
+    options = Options(max_pending=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.max_pending = 0  # What was checked stays what is used.
+    assert options.max_pending == 4
+
+
+def test_loads_without_tensorflow():
+    # In a fresh interpreter: the test session may have loaded TensorFlow.
+    code = ("import sys; from asynccb._options import Options; "
+            "Options(executor='thread', max_pending=3); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow'; "
+            "assert 'keras' not in sys.modules, 'keras'")
+    subprocess.run([sys.executable, "-c", code], check=True)
