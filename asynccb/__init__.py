@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "configure_workers",
     "shutdown",
     "AsyncCallback",
     "AsyncCallbackList",
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 # Imported on first use: a worker process imports this package to set
 # itself up (hide accelerators, limit threads) before TensorFlow loads.
 _EXPORTS = {
+    "configure_workers": "asynccb._executors",
     "shutdown": "asynccb._executors",
     "AsyncCallback": "asynccb._async_callback",
     "AsyncCallbackList": "asynccb._callback_list",
@@ -45,7 +47,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from asynccb._executors import shutdown
+    from asynccb._executors import configure_workers, shutdown
     from asynccb._async_callback import AsyncCallback
     from asynccb._callback_list import AsyncCallbackList
     from asynccb._errors import (

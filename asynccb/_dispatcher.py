@@ -1,4 +1,9 @@
-"""The dispatcher: lanes, snapshots, run lifecycle and error surfacing."""
+"""The dispatcher: a list's lanes, its run lifecycle and hook routing.
+
+Taking and sharing snapshots is `_snapshotter.py`'s job; raising failures
+and applying deferred control, `_feedback.py`'s; noticing a run that ended
+without its end hook, `_run_watch.py`'s.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,17 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from asynccb._errors import AsyncCallbackError, WorkerDiedError
+from asynccb._feedback import (
+    apply_deferred_control,
+    log_late_failures,
+    raise_failure,
+)
 from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
 from asynccb._run_watch import RunWatch, keras_run_frame
-from asynccb._shadow import ModelBlueprint
-from asynccb._snapshot import (
-    BufferPool,
-    Snapshot,
-    StateLayout,
-    StateLevel,
-    allocate_private,
-    state_variables,
-)
+from asynccb._shadow import ModelBlueprint, current_blueprint
+from asynccb._snapshot import StateLevel, allocate_private
+from asynccb._snapshotter import Snapshotter
 from asynccb._stats import CallbackStats
 from asynccb._tasks import Task
 
@@ -40,10 +43,10 @@ class Dispatcher:
     """Routes hooks of offloaded callbacks to their lanes.
 
     One dispatcher serves an `AsyncCallbackList` (or a lone `AsyncCallback`):
-    it takes snapshots on the training thread, shares one snapshot among the
-    lanes that need the model in the same dispatch, starts the executors at
-    the first `on_*_begin`, drains and stops them at the last `on_*_end`,
-    and raises a lane's failure on the training thread.
+    it queues each hook for its lane with the snapshot it needs (one
+    shared by the lanes that need the model in the same dispatch), starts
+    the executors at the first `on_*_begin`, drains and stops them at the
+    last `on_*_end`, and raises a lane's failure on the training thread.
 
     Args:
         max_snapshots: How many snapshot buffers may be alive at once.
@@ -52,12 +55,8 @@ class Dispatcher:
     def __init__(self, max_snapshots: int):
         self.lanes: list[Lane] = []
         self.model: Any = None
-        self.pool = BufferPool(max_snapshots, allocate_private)
-        self.snapshots = 0
-        self.snapshot_bytes = 0
-        self._layouts: dict[StateLevel, StateLayout] = {}
-        self._blueprint: ModelBlueprint | None = None
-        self._shared: Snapshot | None = None
+        self.snapshotter = Snapshotter(max_snapshots)
+        self.pool = self.snapshotter.pool
         self._depth = 0
         self._executors: dict[str, Executor] = {}
         self._running = False
@@ -82,8 +81,7 @@ class Dispatcher:
     def set_model(self, model: Any) -> None:
         if model is not self.model:
             self.model = model
-            self._layouts.clear()
-            self._blueprint = None
+            self.snapshotter.forget_layouts()
 
     def blueprint(self) -> ModelBlueprint | None:
         """The live model's blueprint, retaken when its variables changed.
@@ -96,11 +94,7 @@ class Dispatcher:
         """
         if self.model is None:
             return None
-        if self._blueprint is None or not self._blueprint.is_current(
-            self.model
-        ):
-            self._blueprint = ModelBlueprint.of(self.model)
-        return self._blueprint
+        return current_blueprint(self.model)
 
     # Run lifecycle.
 
@@ -179,7 +173,7 @@ class Dispatcher:
         with self._lifecycle:
             if not self._running:
                 return
-            self._release_shared()
+            self.snapshotter.end_window()
             try:
                 self._stop_workers(cancel)
             except BaseException:
@@ -190,9 +184,7 @@ class Dispatcher:
             finally:
                 for lane in self.lanes:
                     lane.restore()
-                self.pool.close()
-                # Layouts stay: the next run of the same model reuses them
-                # (and their compiled readers); `_layout` checks they fit.
+                self.snapshotter.close()  # Its layouts stay, for the next.
                 self._depth = 0
                 self._running = False
                 if self._watch is not None:
@@ -231,14 +223,7 @@ class Dispatcher:
             self.close()
         finally:
             self._lifecycle.release()
-        for lane in self.lanes:
-            failure = lane.take_error()
-            if failure is not None:
-                exc, task, _ = failure
-                logger.error(
-                    "asynccb: %s.%s failed after the run ended.",
-                    lane.name, task, exc_info=exc,
-                )
+        log_late_failures(self.lanes)
         return True
 
     def wait(self) -> None:
@@ -266,45 +251,11 @@ class Dispatcher:
             if lane.error is not None:
                 self.close()
                 self.raise_failure()
-            while lane.effects:
-                self._apply_effects(lane, lane.effects.popleft())
+            apply_deferred_control(lane)
 
     def raise_failure(self) -> None:
-        """Raises the first recorded failure as `AsyncCallbackError`."""
-        failures = [
-            (lane, failure) for lane in self.lanes
-            if (failure := lane.take_error()) is not None
-        ]
-        if not failures:
-            return
-        (lane, (exc, task, cancelled)), *others = failures
-        for other, (other_exc, other_task, _) in others:
-            logger.error("asynccb: %s.%s also failed.", other.name,
-                         other_task, exc_info=other_exc)
-        queued = (f" (cancelled, still queued: {', '.join(cancelled)})"
-                  if cancelled else "")
-        if isinstance(exc, WorkerDiedError):
-            raise WorkerDiedError(
-                f"{lane.name}: {exc}{queued}", exitcode=exc.exitcode,
-                callback_name=lane.name, hook=task, pending=tuple(cancelled),
-            ) from None
-        message = (
-            f"{lane.name}.{task} failed in its {lane.executor} worker: "
-            f"{type(exc).__name__}: {exc}{queued}"
-        )
-        raise AsyncCallbackError(
-            message, callback_name=lane.name, hook=task,
-            pending=tuple(cancelled), original=exc,
-        ) from exc
-
-    def _apply_effects(self, lane: Lane, effects: dict) -> None:
-        model = lane.live_model
-        if model is None:
-            return
-        if effects.get("stop_training"):
-            model.stop_training = True
-        if "learning_rate" in effects:
-            model.optimizer.learning_rate = effects["learning_rate"]
+        """Raises the first recorded failure (see `_feedback.py`)."""
+        raise_failure(self.lanes)
 
     # Dispatch (training thread).
 
@@ -325,8 +276,7 @@ class Dispatcher:
 
     def end_dispatch(self) -> None:
         """Ends the sharing window of the current dispatch's snapshot."""
-        if self._shared is not None:
-            self._release_shared()
+        self.snapshotter.end_window()
 
     def submit(
         self,
@@ -369,7 +319,8 @@ class Dispatcher:
                     model=blueprint)
         snapshot_s = 0.0
         if with_snapshot:
-            task.snapshot, snapshot_s, waited = self._snapshot(level, lane)
+            task.snapshot, snapshot_s, waited = self.snapshotter.take(
+                self.model, level, lane, self.check)
             blocked += waited
         lane.channel.put(task)
         lane.dispatched += 1
@@ -380,77 +331,19 @@ class Dispatcher:
         lane.enqueue_time.add(elapsed - blocked - snapshot_s)
         lane.dispatch_time.add(elapsed)
 
-    def _snapshot(self, level: StateLevel, lane: Lane):
-        shared = self._shared
-        if shared is not None and shared.level >= level:
-            return shared.retain(), 0.0, 0.0
-        layout = self._layout(level)
-        waited = 0.0
-        buffer = None
-        if layout.nbytes:
-            buffer, waited = self._acquire(layout.nbytes, lane)
-        start = time.perf_counter()
-        if buffer is not None:
-            layout.capture(buffer)
-            self.pool.prefill()  # The next snapshot's buffer, off-thread.
-        snapshot = Snapshot(level, layout.spec, buffer, self.pool,
-                            bool(getattr(self.model, "stop_training", False)))
-        took = time.perf_counter() - start
-        self.snapshots += 1
-        self.snapshot_bytes += layout.nbytes
-        self._release_shared()
-        self._shared = snapshot.retain()
-        return snapshot.retain(), took, waited
-
-    def _layout(self, level: StateLevel) -> StateLayout:
-        variables = state_variables(self.model, level)
-        layout = self._layouts.get(level)
-        if layout is None or len(layout.variables) != len(variables) or any(
-            a is not b for a, b in zip(layout.variables, variables)
-        ):
-            layout = StateLayout(level, variables)
-            self._layouts[level] = layout
-        return layout
-
-    def _acquire(self, nbytes: int, lane: Lane):
-        waited = 0.0
-        while True:
-            buffer, generation = self.pool.try_acquire(nbytes)
-            if buffer is not None:
-                return buffer, waited
-            if self._shared is not None:
-                self._release_shared()  # It may hold the last free buffer.
-                continue
-            if lane.policy != "block":
-                victim = lane.channel.drop_oldest_holding_snapshot()
-                if victim is not None:
-                    lane.record_drops([victim])
-                    continue
-            self.check()
-            start = time.perf_counter()
-            self.pool.wait(generation)
-            waited += time.perf_counter() - start
-
-    def _release_shared(self) -> None:
-        shared, self._shared = self._shared, None
-        if shared is not None:
-            shared.release()
-
     def _reserve(self) -> None:
-        # Allocate (and page in) the first buffer for checkpoints at the
-        # start of the run rather than in the first checkpoint's step; but
-        # only once the state's size is known (TensorFlow builds the
-        # optimizer in the first step of the first `fit`).
-        if not any(lane.saves_only for lane in self.lanes):
-            return
-        model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        if getattr(model, "built", False) and getattr(optimizer, "built", True):
-            nbytes = self._layout(StateLevel.FULL).nbytes
-            if nbytes:
-                self.pool.reserve(nbytes)
+        if any(lane.saves_only for lane in self.lanes):  # Checkpoints.
+            self.snapshotter.reserve(self.model)
 
     # Stats.
+
+    @property
+    def snapshots(self) -> int:
+        return self.snapshotter.snapshots
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return self.snapshotter.snapshot_bytes
 
     def lane_stats(self) -> dict[str, CallbackStats]:
         return {lane.name: lane.stats() for lane in self.lanes}

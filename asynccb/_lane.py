@@ -220,12 +220,12 @@ class Lane:
                 return
             start = time.perf_counter()
             try:
-                before = await run_sync(self.runner.prepare, task)
                 if self.runner.is_coroutine_hook(task):
+                    before = await run_sync(self.runner.prepare, task)
                     await self.runner.invoke(task)
-                else:
-                    await run_sync(self.runner.invoke, task)
-                effects = self.runner.effects(task, before)
+                    effects = self.runner.effects(task, before)
+                else:  # In one call: it may hold a shared shadow.
+                    effects = await run_sync(self.runner.run, task)
             except Exception as exc:  # Cancellation must propagate.
                 self.fail(task.describe(), exc)
             else:

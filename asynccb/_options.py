@@ -15,6 +15,7 @@ __all__ = [
     "Options",
     "check_callback",
     "check_choice",
+    "check_positive_int",
 ]
 
 DEFAULT_MAX_PENDING = 16
@@ -35,7 +36,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_positive_int(name: str, value: Any) -> int:
+def check_positive_int(name: str, value: Any) -> int:
     # `True` is an int to Python, never a queue bound to a user.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
@@ -92,6 +93,6 @@ class Options:
     def __post_init__(self) -> None:
         if self.executor is not None:
             get_executor(self.executor)  # Raises, naming the choices.
-        _check_positive_int("max_pending", self.max_pending)
+        check_positive_int("max_pending", self.max_pending)
         check_choice("on_full", self.on_full, POLICIES)
-        _check_positive_int("max_snapshots", self.max_snapshots)
+        check_positive_int("max_snapshots", self.max_snapshots)

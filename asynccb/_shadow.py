@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,7 @@ from asynccb._snapshot import (
     variables_signature,
 )
 
-__all__ = ["ModelBlueprint", "Shadow"]
+__all__ = ["ModelBlueprint", "Shadow", "current_blueprint", "shared_shadow"]
 
 _KERAS_MODULES = ("keras.", "tensorflow.", "tf_keras.")
 
@@ -118,6 +121,7 @@ class ModelBlueprint:
     weight_paths: list[str] = field(default_factory=list)
     variable_count: int = 0
     optimizer_built: bool = False
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def of(cls, model: Any) -> "ModelBlueprint":
@@ -185,31 +189,56 @@ class ModelBlueprint:
         return model
 
 
+_blueprints: weakref.WeakKeyDictionary[Any, ModelBlueprint] = (
+    weakref.WeakKeyDictionary())
+_blueprints_lock = threading.Lock()
+
+
+def current_blueprint(model: Any) -> ModelBlueprint:
+    """The blueprint of `model`, retaken when its variables changed (it
+    was built, or its optimizer created, since).
+
+    One per model in the training process, whichever lists and callbacks
+    use it, so their lanes in a worker can share a shadow.
+
+    Raises:
+        ValueError: If the model cannot be serialized.
+    """
+    with _blueprints_lock:
+        blueprint = _blueprints.get(model)
+        if blueprint is None or not blueprint.is_current(model):
+            blueprint = _blueprints[model] = ModelBlueprint.of(model)
+        return blueprint
+
+
 class Shadow:
-    """A worker's shadow of the live model, rebuilt when its blueprint
-    changes (the live model was built or compiled after the last one)."""
+    """A worker's shadow of the live model: built from one blueprint on
+    first use, then given snapshots.
 
-    def __init__(self) -> None:
+    Args:
+        blueprint: What to build it from.
+
+    Attributes:
+        blueprint: As given.
+        lock: Held while a task uses a shadow that lanes share.
+    """
+
+    def __init__(self, blueprint: ModelBlueprint):
+        self.blueprint = blueprint
         self.model: Any = None
-        self._blueprint: ModelBlueprint | None = None
+        self.lock = threading.Lock()
         self._signatures: dict[int, tuple] = {}
-
-    def set_blueprint(self, blueprint: ModelBlueprint | None) -> None:
-        """Points the shadow at a new blueprint; rebuilt on next use."""
-        if blueprint is not self._blueprint:
-            self._blueprint = blueprint
-            self.model = None
-            self._signatures.clear()
+        self._holding: int | None = None  # The serial of the last snapshot.
 
     def get(self) -> Any:
-        """The shadow model, built on first use; `None` without a blueprint."""
-        if self.model is None and self._blueprint is not None:
-            self.model = self._blueprint.build()
-            self._signatures.clear()
+        """The shadow model, built on first use."""
+        if self.model is None:
+            self.model = self.blueprint.build()
         return self.model
 
     def apply(self, snapshot: Snapshot) -> Any:
-        """Copies `snapshot` into the shadow's variables.
+        """Copies `snapshot` into the shadow's variables, unless they hold
+        it already (it was applied for another lane sharing the shadow).
 
         Returns:
             The shadow model holding the snapshot.
@@ -218,18 +247,22 @@ class Shadow:
             ValueError: If the rebuilt model's variables do not match.
         """
         model = self.get()
+        if snapshot.serial == self._holding:
+            return model
         variables = self._matching_variables(model, snapshot.layout)
         if variables is None:
-                raise ValueError(
-                    f"asynccb rebuilt model {model.name!r} but its variables "
-                    "do not match the live model's: "
-                    f"{len(snapshot.layout.slots)} live variables, "
-                    f"{len(state_variables(model, snapshot.level))} rebuilt. "
-                    "Its `get_config()`/`from_config()` may not round-trip."
-                )
+            raise ValueError(
+                f"asynccb rebuilt model {model.name!r} but its variables "
+                "do not match the live model's: "
+                f"{len(snapshot.layout.slots)} live variables, "
+                f"{len(state_variables(model, snapshot.level))} rebuilt. "
+                "Its `get_config()`/`from_config()` may not round-trip."
+            )
+        self._holding = None  # Half-copied if an assignment fails.
         for variable, value in zip(variables, snapshot.arrays()):
             variable.assign(value)
         model.stop_training = snapshot.stop_training
+        self._holding = snapshot.serial
         return model
 
     def _matching_variables(self, model: Any, layout: LayoutSpec):
@@ -240,3 +273,23 @@ class Shadow:
             signature = variables_signature(variables)
             self._signatures[layout.level] = signature
         return variables if signature == layout.signature else None
+
+
+_shared: weakref.WeakValueDictionary[str, Shadow] = (
+    weakref.WeakValueDictionary())
+_shared_lock = threading.Lock()
+
+
+def shared_shadow(blueprint: ModelBlueprint) -> Shadow:
+    """The shadow of `blueprint` shared by the lanes of this process that
+    only save (their callbacks stay on the training thread, so no user
+    code holds the shadow between tasks); it lives while one uses it.
+
+    Lanes whose callback is given the shadow each keep their own: the
+    callback holds it between hooks and may change it.
+    """
+    with _shared_lock:
+        shadow = _shared.get(blueprint.key)
+        if shadow is None:
+            shadow = _shared[blueprint.key] = Shadow(blueprint)
+        return shadow

@@ -10,6 +10,7 @@ step share one snapshot.
 from __future__ import annotations
 
 import enum
+import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -385,6 +386,9 @@ class BufferPool:
             self._free.clear()
 
 
+_serials = itertools.count()
+
+
 class Snapshot:
     """Model state captured at dispatch, shared by the hooks that need it.
 
@@ -395,11 +399,16 @@ class Snapshot:
             is empty.
         pool: The pool `buffer` returns to when the last holder releases.
         stop_training: The model's `stop_training` flag at dispatch.
+
+    Attributes:
+        serial: Unique in the training process: a shadow that already
+            holds this snapshot (for another lane) need not copy it again.
     """
 
     def __init__(self, level: StateLevel, layout: LayoutSpec,
                  buffer: Buffer | None, pool: BufferPool | None,
                  stop_training: bool):
+        self.serial = next(_serials)
         self.level = level
         self.layout = layout
         self.buffer = buffer

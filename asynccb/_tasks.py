@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
 from asynccb._saving import save_atomically
-from asynccb._shadow import Shadow
+from asynccb._shadow import ModelBlueprint, Shadow, shared_shadow
 from asynccb._snapshot import Snapshot
 
 __all__ = ["Task", "TaskRunner"]
@@ -86,8 +87,19 @@ class TaskRunner:
     def __init__(self, callback: Any, deferred_control: bool):
         self.callback = callback
         self.deferred_control = deferred_control
-        self.shadow = Shadow()
+        self.shadow: Shadow | None = None
         self._published: Any = None  # The shadow the callback was given.
+
+    def _use_blueprint(self, blueprint: ModelBlueprint) -> None:
+        if self.shadow is not None and self.shadow.blueprint.key == (
+            blueprint.key
+        ):
+            return
+        # A lane that only saves shares its shadow with the other such
+        # lanes of the model (see `shared_shadow`); a callback's shadow is
+        # its own.
+        self.shadow = (shared_shadow(blueprint) if self.callback is None
+                       else Shadow(blueprint))
 
     def prepare_callback(self) -> None:
         """Nothing to prepare: the worker shares this process' callback."""
@@ -104,8 +116,12 @@ class TaskRunner:
             The control state (stop flag, learning rate) before the task,
             to compare with after it.
         """
-        if task.kind in _SETUP or task.model is not None:
-            self.shadow.set_blueprint(task.model)
+        if task.model is not None:
+            self._use_blueprint(task.model)
+        elif task.kind in _SETUP:
+            self.shadow = None  # A callback that never uses its model.
+        if self.shadow is None:
+            return None
         if task.kind in _SETUP:
             self.shadow.get()  # Build now, ahead of the first snapshot.
             if task.snapshot is not None:
@@ -132,7 +148,7 @@ class TaskRunner:
         For a coroutine hook this returns the coroutine, to be awaited.
         """
         if task.kind in _SETUP:
-            model = self.shadow.model
+            model = self.shadow.model if self.shadow is not None else None
             if self.callback is not None:
                 if task.kind == "set_model":
                     self.callback.set_model(model)
@@ -145,7 +161,9 @@ class TaskRunner:
                 self.callback.set_params(task.args[0])
             return None
         if task.kind == "save":
-            save_atomically(self.shadow.model, task.name, task.args, task.kwargs)
+            assert self.shadow is not None, "a save always has a blueprint"
+            save_atomically(self.shadow.model, task.name, task.args,
+                            task.kwargs)
             return None
         return call_hook(self.callback, task.name, task.args, task.logs)
 
@@ -156,7 +174,7 @@ class TaskRunner:
             ControlFromWorkerError: If there are effects and the callback
                 was not wrapped with `deferred_control=True`.
         """
-        if before is None:
+        if before is None or self.shadow is None:
             return {}
         model = self.shadow.model
         stop_before, lr_before = before
@@ -181,12 +199,22 @@ class TaskRunner:
         return effects
 
     def run(self, task: Task) -> dict[str, Any]:
-        """Prepares, invokes and checks a synchronous task."""
-        before = self.prepare(task)
-        self.invoke(task)
-        return self.effects(task, before)
+        """Prepares, invokes and checks a synchronous task.
+
+        A shared shadow is held for the whole task: another lane may not
+        copy its snapshot in while this one saves. (Only lanes that save
+        share one, and their tasks all come here, never as coroutines.)
+        """
+        if task.model is not None:
+            self._use_blueprint(task.model)
+        shadow = self.shadow
+        with shadow.lock if shadow is not None else contextlib.nullcontext():
+            before = self.prepare(task)
+            self.invoke(task)
+            return self.effects(task, before)
 
     def close(self) -> None:
-        """Drops the shadow model (end of run): its memory is released."""
-        self.shadow.set_blueprint(None)
+        """Drops the shadow model (end of run): its memory is released
+        (a shared one, once no lane uses it)."""
+        self.shadow = None
         self._published = None

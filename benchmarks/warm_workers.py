@@ -12,8 +12,10 @@ Two measurements, on a small MLP with synthetic MNIST-shaped data:
   seconds per `fit`, with min and max, and the CPU seconds of the training
   process and of the workers per `fit`.
 - memory: the resident memory of asynccb's worker processes after a `fit`
-  with 1 and with 4 process-offloaded callbacks on one model (each run
-  starts from no worker, `asynccb.shutdown()`), interleaved, repeated.
+  with 1 and with 4 process-offloaded callbacks (3 checkpoints and a CSV
+  log) on one wider model (`--memory-width`, so that its shadows weigh
+  beside TensorFlow's own memory), each run from no worker
+  (`asynccb.shutdown()`), interleaved, repeated.
 
 Run from the repository root: python benchmarks/warm_workers.py
 """
@@ -40,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--memory-width", type=int, default=2048,
+                        help="hidden width of the memory runs' model")
     parser.add_argument("--tf-threads", type=int, default=1,
                         help="TensorFlow intra-op threads for training")
     return parser.parse_args(argv)
@@ -65,10 +69,11 @@ def main(argv=None) -> dict:
     x = rng.random((512, 784), dtype=np.float32)
     y = rng.integers(0, 10, 512)
 
-    def model():
+    def model(width=256):
         keras.utils.set_random_seed(1)
         m = keras.Sequential([keras.Input((784,)),
-                              keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(width, activation="relu"),
+                              keras.layers.Dense(width, activation="relu"),
                               keras.layers.Dense(10)])
         m.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
         return m
@@ -109,10 +114,13 @@ def main(argv=None) -> dict:
 
     # Memory: worker RSS with 1 and 4 process callbacks, from no worker.
     memory = {1: [], 4: []}
+    state_mib = 0.0
     for repeat in range(args.memory_repeats):
         for count in (1, 4):
             asynccb.shutdown()
-            m = model()
+            m = model(args.memory_width)
+            state_mib = sum(v.numpy().nbytes for v in
+                            m.weights) * 3 / 2**20  # Weights + Adam's two.
             m.fit(x, y, epochs=1, batch_size=64, verbose=0,
                   callbacks=callbacks("process", count))
             memory[count].append(descendants_cpu_and_rss()[1])
@@ -133,6 +141,7 @@ def main(argv=None) -> dict:
         "process_fit_worker_cpu_s": med([p[2] for _, p in pairs]),
         "worker_rss_mib": {count: med(values) / 2**20
                            for count, values in memory.items()},
+        "memory_model_state_mib": state_mib,
     }
     ratio = result["worker_rss_mib"][4] / result["worker_rss_mib"][1]
     print()
@@ -148,7 +157,8 @@ def main(argv=None) -> dict:
     print(f"| later fit CPU (trainer + workers), thread / process | "
           f"{result['thread_fit_cpu_s']:.2f} s / "
           f"{result['process_fit_cpu_s']:.2f} s |")
-    print(f"| worker RSS, 1 / 4 process callbacks | "
+    print(f"| worker RSS, 1 / 4 process callbacks, model state "
+          f"{state_mib:.0f} MiB | "
           f"{result['worker_rss_mib'][1]:.0f} MiB / "
           f"{result['worker_rss_mib'][4]:.0f} MiB ({ratio:.2f}x) |")
     return result

@@ -371,24 +371,59 @@ def test_a_later_fit_reuses_the_warm_worker_and_its_shadow():
     assert second.seen[0][0] == pid  # The same worker serves both.
 
 
-def test_idle_worker_stops_after_the_timeout(monkeypatch):
+def test_idle_worker_stops_after_the_timeout():
     from conftest import worker_processes
 
     import asynccb
-    from asynccb._executors.process import pool
 
     asynccb.shutdown()
-    monkeypatch.setattr(pool, "IDLE_TIMEOUT_S", 0.2)
-    x, y = mnist_like(64)
-    callback = RecordsItsShadow()
-    _model(Doubler()).fit(x, y, epochs=1, batch_size=32, verbose=0,
-                          callbacks=[AsyncCallback(callback,
-                                                   executor="process",
-                                                   state="none")])
-    [(pid, _)] = worker_processes()
-    assert callback.seen[0][0] == pid
-    assert wait_for_exit(pid, JOIN_TIMEOUT_S), "the idle worker stayed"
-    assert worker_processes() == []
+    asynccb.configure_workers(idle_timeout=0.2)
+    try:
+        x, y = mnist_like(64)
+        callback = RecordsItsShadow()
+        _model(Doubler()).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                              callbacks=[AsyncCallback(callback,
+                                                       executor="process",
+                                                       state="none")])
+        [(pid, _)] = worker_processes()
+        assert callback.seen[0][0] == pid
+        assert wait_for_exit(pid, JOIN_TIMEOUT_S), "the idle worker stayed"
+        assert worker_processes() == []
+    finally:
+        asynccb.configure_workers()
+
+
+def test_processes_spread_callbacks_over_workers():
+    """`configure_workers(processes=2)`: two callbacks, two workers; each
+    goes back to its own at the next `fit` (its shadow is there); lowering
+    the count stops the idle surplus at once."""
+    from conftest import worker_processes
+
+    import asynccb
+
+    asynccb.shutdown()
+    asynccb.configure_workers(processes=2)
+    try:
+        first, second = RecordsItsShadow(), RecordsItsShadow()
+        callbacks = [
+            AsyncCallback(first, executor="process", state="weights"),
+            AsyncCallback(second, executor="process", state="weights")]
+        model = _model(Doubler())
+        x, y = mnist_like(64)
+        for _ in range(2):
+            model.fit(x, y, epochs=1, batch_size=32, verbose=0,
+                      callbacks=callbacks)
+        assert first.seen[0] == first.seen[1]  # Same worker, same shadow.
+        assert second.seen[0] == second.seen[1]
+        pids = {first.seen[0][0], second.seen[0][0]}
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert {pid for pid, _ in worker_processes()} == pids
+        asynccb.configure_workers(processes=1)
+        [(kept, _)] = worker_processes()
+        [stopped] = pids - {kept}
+        assert wait_for_exit(stopped, JOIN_TIMEOUT_S)
+    finally:
+        asynccb.configure_workers()
 
 
 def test_shutdown_during_a_run_is_an_error():

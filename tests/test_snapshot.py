@@ -3,6 +3,8 @@ hook was called, through a snapshot shared by the callbacks of that hook."""
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -176,3 +178,90 @@ def test_thread_and_process_lanes_share_a_functional_model(tmp_path):
         runs[name] = (out, check.sums)
     assert len(assert_same_checkpoints(runs["plain"][0], runs["ours"][0])) == 2
     assert runs["ours"][1] == runs["plain"][1]
+
+
+class CountsBuilds(keras.layers.Layer):
+    """A layer that appends its process id to a file each time it is made:
+    one line for the live model, one per shadow built from it."""
+
+    def __init__(self, log: str, **kwargs):
+        super().__init__(**kwargs)
+        self.log = log
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()}\n")
+
+    def call(self, inputs):
+        return inputs
+
+    def get_config(self):
+        return {**super().get_config(), "log": self.log}
+
+
+def test_checkpoints_of_one_model_share_a_shadow(tmp_path, executor):
+    """Two checkpoints of one model, each wrapped on its own (two
+    dispatchers): their worker builds the model once, and each file holds
+    its own step's weights."""
+    log = tmp_path / "builds.txt"
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((784,)), keras.layers.Dense(8), CountsBuilds(str(log)),
+        keras.layers.Dense(10)])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    # Built now, so the shadow made at `set_model` is the one saves use
+    # (else a second is built once the first step builds the optimizer).
+    model.optimizer.build(model.trainable_variables)
+    epochs = keras.callbacks.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))
+    steps = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "s{epoch}-{batch}.weights.h5"), save_freq=3,
+        save_weights_only=True)
+    seen = {}
+
+    def record(epoch, logs):
+        seen[epoch] = model.get_weights()
+
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[
+        AsyncCallback(epochs, executor=executor),
+        AsyncCallback(steps, executor=executor),
+        keras.callbacks.LambdaCallback(on_epoch_end=record),
+    ])
+    builds = log.read_text().split()
+    assert builds[0] == str(os.getpid())  # The live model.
+    assert len(builds) == 2, builds  # One shadow for both callbacks.
+    for epoch in (1, 2):
+        saved = keras.saving.load_model(tmp_path / f"e{epoch}.keras",
+                                        custom_objects={"CountsBuilds":
+                                                        CountsBuilds})
+        for got, want in zip(saved.get_weights(), seen[epoch - 1]):
+            np.testing.assert_array_equal(got, want)
+    assert len(list(tmp_path.glob("s*.weights.h5"))) == 2  # Steps 3 and 6.
+
+
+def test_a_shadow_copies_a_snapshot_it_holds_only_once():
+    from asynccb._shadow import ModelBlueprint, Shadow
+    from asynccb._snapshot import (
+        Snapshot,
+        StateLayout,
+        StateLevel,
+        allocate_private,
+        state_variables,
+    )
+
+    model = make_model()
+    layout = StateLayout(StateLevel.WEIGHTS,
+                         state_variables(model, StateLevel.WEIGHTS))
+    buffer = allocate_private(layout.nbytes)
+    layout.capture(buffer)
+    shadow = Shadow(ModelBlueprint.of(model))
+
+    def snapshot():
+        return Snapshot(StateLevel.WEIGHTS, layout.spec, buffer, None, False)
+
+    first = snapshot()
+    kernel = shadow.apply(first).weights[0]
+    np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())
+    kernel.assign(np.zeros(kernel.shape, np.float32))  # Not from a snapshot.
+    shadow.apply(first)  # Held already: not copied again.
+    assert not kernel.numpy().any()
+    shadow.apply(snapshot())  # A new snapshot (same bytes) is copied.
+    np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())

@@ -85,8 +85,9 @@ def test_exception_whose_str_fails():
 
 def test_snapshot_reference_travels_without_its_mapping():
     ref = messages.SnapshotRef("asynccb-1-abc", layout="layout",
-                               stop_training=True, data=b"mapped bytes")
+                               stop_training=True, serial=7,
+                               data=b"mapped bytes")
     back = pickle.loads(pickle.dumps(ref))
-    assert (back.name, back.layout, back.stop_training, back.data) == (
-        "asynccb-1-abc", "layout", True, None)
+    assert (back.name, back.layout, back.stop_training, back.serial,
+            back.data) == ("asynccb-1-abc", "layout", True, 7, None)
     assert ref.data == b"mapped bytes"  # The sender's copy is untouched.

@@ -71,3 +71,18 @@ def test_loads_without_tensorflow():
             "assert 'tensorflow' not in sys.modules, 'tensorflow'; "
             "assert 'keras' not in sys.modules, 'keras'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"processes": 0}, "Received: processes=0"),
+    ({"processes": True}, "Received: processes=True"),
+    ({"processes": 1.5}, "Received: processes=1.5"),
+    ({"idle_timeout": 0}, "Received: idle_timeout=0"),
+    ({"idle_timeout": -5.0}, "Received: idle_timeout=-5.0"),
+    ({"idle_timeout": "10"}, "Received: idle_timeout='10'"),
+])
+def test_configure_workers_rejects_bad_values(arguments, message):
+    from asynccb import configure_workers
+
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        configure_workers(**arguments)

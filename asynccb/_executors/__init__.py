@@ -6,7 +6,7 @@ implementation is a module of its own, imported on first use:
 
     "thread"    thread.py        a worker thread per callback
     "async"     event_loop.py    tasks of an anyio event loop
-    "process"   process/         a worker process per callback
+    "process"   process/         warm worker processes, shared
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
 
-__all__ = ["EXECUTORS", "get_executor", "shutdown"]
+__all__ = ["EXECUTORS", "IDLE_TIMEOUT_S", "configure_workers", "get_executor",
+           "shutdown"]
 
 _IMPLEMENTATIONS = {
     "thread": ("asynccb._executors.thread", "ThreadExecutor"),
@@ -28,6 +29,11 @@ _IMPLEMENTATIONS = {
 
 EXECUTORS = tuple(_IMPLEMENTATIONS)
 """The executor names, in the order error messages list them."""
+
+IDLE_TIMEOUT_S = 600.0
+"""How long worker processes stay warm without a run, by default: long
+enough for a notebook's next cell or a sweep's next trial, short enough
+that a forgotten session gives its memory back."""
 
 
 def get_executor(name: str) -> type[Executor]:
@@ -59,3 +65,41 @@ def shutdown() -> None:
     for name, (module, _) in _IMPLEMENTATIONS.items():
         if module in sys.modules:  # Only what was used can hold anything.
             get_executor(name).shutdown()
+
+
+def configure_workers(
+    processes: int = 1, idle_timeout: float | None = IDLE_TIMEOUT_S
+) -> None:
+    """Sets up the worker processes of the `"process"` executor.
+
+    Every process-offloaded callback of the training process, in every
+    list, runs in a thread of one of these workers. They start with the
+    first run that needs them and stay warm between runs, so a later `fit`
+    pays no TensorFlow import and finds its shadow models built.
+
+    Args:
+        processes: How many worker processes share the callbacks. One is
+            enough unless the callbacks' hooks are CPU-heavy: a worker
+            runs Python one thread at a time, and each worker holds its
+            own TensorFlow (about half a GiB). Runs that start later use
+            the new count; idle workers beyond it stop now.
+        idle_timeout: Seconds without a run after which the workers stop
+            (the next run starts them again), or `None` to keep them until
+            `asynccb.shutdown()` or interpreter exit.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+    from asynccb._executors.process import pool
+    from asynccb._options import check_positive_int
+
+    check_positive_int("processes", processes)
+    if idle_timeout is not None and (
+        isinstance(idle_timeout, bool)
+        or not isinstance(idle_timeout, (int, float))
+        or not idle_timeout > 0
+    ):
+        raise ValueError("`idle_timeout` must be a positive number of "
+                         "seconds, or None. "
+                         f"Received: idle_timeout={idle_timeout!r}")
+    pool.configure(processes, idle_timeout)

@@ -1,4 +1,8 @@
-"""The process executor: each offloaded callback in a worker process.
+"""The process executor: offloaded callbacks in warm worker processes.
+
+One worker process (or `configure_workers(processes=n)`) serves every
+process-offloaded callback of the training process, each callback on a
+thread of its own there (`pool.py`, `worker.py`).
 
 Data flow, for one lane (`executor.py` forwards, `runner.py` is the
 training side of the boundary, `worker.py` the other):

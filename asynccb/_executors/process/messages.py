@@ -207,6 +207,7 @@ class SnapshotRef:
     name: str | None  # None for an empty layout (no buffer).
     layout: Any  # LayoutSpec
     stop_training: bool
+    serial: int  # `Snapshot.serial`.
     data: Any = None
 
     @property

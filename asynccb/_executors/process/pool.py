@@ -1,13 +1,14 @@
-"""The warm worker process, shared by every process-offloaded callback.
+"""The warm worker processes, shared by every process-offloaded callback.
 
-One worker process per training process serves the lanes of every
+One worker process per training process (more with
+`asynccb.configure_workers(processes=n)`) serves the lanes of every
 `AsyncCallback` and `AsyncCallbackList` that offload to a process, each on
-a thread of its own in the worker. It starts with the first lane that
-needs it (on that lane's forwarding thread: the training thread never
+a thread of its own in the worker. A worker starts with the first lane
+that needs it (on that lane's forwarding thread: the training thread never
 waits for a TensorFlow import) and stays warm after the run, so a later
-`fit` starts at once and finds its shadow models built. It stops after
-`IDLE_TIMEOUT_S` without a run, at interpreter exit, or at
-`asynccb.shutdown()`; it never outlives the training process (its
+`fit` starts at once and finds its shadow models built. Workers stop after
+`IDLE_TIMEOUT_S` (or the configured timeout) without a run, at interpreter
+exit, or at `asynccb.shutdown()`; none outlives the training process (its
 lifeline pipe closes with it).
 
 Why not `multiprocessing.Pool` or loky's reusable executor: both hand
@@ -32,15 +33,14 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from asynccb._errors import WorkerDiedError
+from asynccb._executors import IDLE_TIMEOUT_S
 from asynccb._executors.process import messages
 
-__all__ = ["WorkerProcess", "IDLE_TIMEOUT_S", "acquire", "release",
-           "shutdown"]
+__all__ = ["WorkerProcess", "acquire", "configure", "pids",
+           "release", "shutdown"]
 
 WORKER_MODULE = "asynccb._executors.process.worker"
 
-IDLE_TIMEOUT_S = 600.0
-"""How long the worker stays warm without a run before it stops."""
 
 _STOP_TIMEOUT_S = 30  # A worker told to stop is killed if still alive then.
 
@@ -227,21 +227,39 @@ class WorkerProcess:
 
 
 class _Pool:
-    """The training process' worker: started on demand, shared, warm."""
+    """The training process' workers: started on demand, shared, warm.
+
+    Lanes go to the worker that serves the fewest for the current runs (a
+    new one while fewer than `processes` run), and a lane that served a
+    worker before goes back to it: its shadow is there.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._worker: WorkerProcess | None = None
+        self._workers: list[WorkerProcess] = []
         self._idle: threading.Timer | None = None
+        self.processes = 1
+        self.idle_timeout: float | None = IDLE_TIMEOUT_S
 
-    def acquire(self) -> WorkerProcess:
-        """The warm worker (started now if there is none, or it died),
-        attached for a run."""
+    def acquire(self, previous: WorkerProcess | None = None) -> WorkerProcess:
+        """A warm worker (started now if needed) attached for a run:
+        `previous`, the lane's last one, if it is still in service."""
         with self._lock:
             self._cancel_idle()
-            worker = self._worker
-            if worker is None or not worker.alive:
-                worker = self._worker = WorkerProcess()
+            for dead in [w for w in self._workers if not w.alive]:
+                self._workers.remove(dead)
+                if not dead.users:  # Else its last lane's release stops it.
+                    dead.stop()
+            serving = self._workers[:self.processes]
+            if previous in serving:
+                worker = previous
+            elif len(serving) < self.processes and all(
+                w.users for w in serving
+            ):
+                worker = WorkerProcess()
+                self._workers.append(worker)
+            else:
+                worker = min(serving, key=lambda w: w.users)
             worker.users += 1
             return worker
 
@@ -251,17 +269,41 @@ class _Pool:
             worker.users -= 1
             if worker.users:
                 return
-            if worker is not self._worker or not worker.alive:
-                worker.stop()  # Dead, or replaced: its last lane is done.
-                if worker is self._worker:
-                    self._worker = None
+            if worker not in self._workers[:self.processes]:
+                # Dead, or beyond a lowered `processes`: its last lane is
+                # done with it.
+                if worker in self._workers:
+                    self._workers.remove(worker)
+                worker.stop()
+            if any(w.users for w in self._workers):
                 return
-            idle = threading.Timer(IDLE_TIMEOUT_S, self._expire)
+            if self.idle_timeout is None or not self._workers:
+                return
+            idle = threading.Timer(self.idle_timeout, self._expire)
             idle.args = (idle,)
             idle.name = "asynccb-pool-idle"
             idle.daemon = True
             self._idle = idle
             idle.start()
+
+    def configure(self, processes: int, idle_timeout: float | None) -> None:
+        """Sets how many workers serve the lanes of later runs, and how
+        long they stay warm without a run (`None`: until shutdown); stops
+        idle workers beyond the new count now."""
+        with self._lock:
+            self.processes = processes
+            self.idle_timeout = idle_timeout
+            surplus = [w for w in self._workers[self.processes:]
+                       if not w.users]
+            for worker in surplus:
+                self._workers.remove(worker)
+        for worker in surplus:
+            worker.stop()
+
+    def pids(self) -> list[int]:
+        """The process ids of the workers in service."""
+        with self._lock:
+            return [w.pid for w in self._workers if w.alive]
 
     def _cancel_idle(self) -> None:
         # Not joined: a timer that already fired waits for the lock held
@@ -274,20 +316,19 @@ class _Pool:
         with self._lock:
             if timer is not self._idle:
                 return  # Cancelled: a run came, or a shutdown.
-            worker, self._worker, self._idle = self._worker, None, None
-        if worker is not None:
+            workers, self._workers, self._idle = self._workers, [], None
+        for worker in workers:
             worker.stop()
 
     def shutdown(self) -> None:
         with self._lock:
-            worker = self._worker
-            if worker is not None and worker.users:
+            if any(w.users for w in self._workers):
                 raise RuntimeError(
                     "asynccb.shutdown() was called while a run uses the "
                     "worker process; call it after `fit` returns.")
             self._cancel_idle()
-            self._worker = None
-        if worker is not None:
+            workers, self._workers = self._workers, []
+        for worker in workers:
             worker.stop()
 
 
@@ -295,3 +336,5 @@ _pool = _Pool()
 acquire = _pool.acquire
 release = _pool.release
 shutdown = _pool.shutdown
+configure = _pool.configure
+pids = _pool.pids

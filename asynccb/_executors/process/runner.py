@@ -127,7 +127,8 @@ class ProcessRunner:
         """Attaches to the warm worker for a run (starting it if needed:
         it imports TensorFlow, seconds) and opens this lane in it, once per
         worker. Runs on the forwarding thread."""
-        worker = self._worker = pool.acquire()
+        worker = self._worker = pool.acquire(
+            self._lane[0] if self._lane is not None else None)
         self.sentinel = worker.sentinel
         worker.follow_path()
         if self._lane is None or self._lane[0] is not worker:
@@ -169,7 +170,7 @@ class ProcessRunner:
         if snapshot is not None:
             snapshot = SnapshotRef(
                 snapshot.buffer.name if snapshot.buffer is not None else None,
-                snapshot.layout, snapshot.stop_training)
+                snapshot.layout, snapshot.stop_training, snapshot.serial)
         remote = Task(task.kind, task.name, task.args, task.logs,
                       task.kwargs, snapshot=snapshot, model=model)
         payload = None

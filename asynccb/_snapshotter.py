@@ -1,0 +1,145 @@
+"""Taking snapshots on the training thread, and sharing them per dispatch."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from asynccb._snapshot import (
+    Buffer,
+    BufferPool,
+    Snapshot,
+    StateLayout,
+    StateLevel,
+    allocate_private,
+    state_variables,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._lane import Lane
+
+__all__ = ["Snapshotter"]
+
+
+class Snapshotter:
+    """Copies the live model's state into pooled buffers for the lanes.
+
+    Lanes that need the model at the same dispatch (one hook call from
+    Keras) share one snapshot: the first takes it, the others retain it,
+    until `end_window` closes the dispatch. Layouts (which variables, where
+    in the buffer) are kept per state level and outlive a run, so the next
+    run of the same model reuses them and their compiled readers.
+
+    Args:
+        max_snapshots: How many snapshot buffers may be alive at once.
+
+    Attributes:
+        pool: The buffers; every lane's queue of snapshots draws on it.
+        snapshots: How many snapshots were taken (shared ones count once).
+        snapshot_bytes: Their total size.
+    """
+
+    def __init__(self, max_snapshots: int):
+        self.pool = BufferPool(max_snapshots, allocate_private)
+        self.snapshots = 0
+        self.snapshot_bytes = 0
+        self._layouts: dict[StateLevel, StateLayout] = {}
+        self._shared: Snapshot | None = None
+
+    def forget_layouts(self) -> None:
+        """Drops the layouts: the snapshots are of another model now."""
+        self._layouts.clear()
+
+    def take(
+        self,
+        model: Any,
+        level: StateLevel,
+        lane: Lane,
+        check: Callable[[], None],
+    ) -> tuple[Snapshot, float, float]:
+        """A snapshot of `model` at `level` or more for `lane`: the one
+        taken earlier in this dispatch if it has enough, else a new one.
+
+        Waits for a free buffer when all are in use (dropping, for a lane
+        whose policy allows it, its oldest pending snapshot instead);
+        `check` raises if a lane failed meanwhile.
+
+        Returns:
+            The snapshot (retained for the lane), the seconds the copy
+            took and the seconds spent waiting for a buffer.
+        """
+        shared = self._shared
+        if shared is not None and shared.level >= level:
+            return shared.retain(), 0.0, 0.0
+        layout = self.layout(model, level)
+        waited = 0.0
+        buffer = None
+        if layout.nbytes:
+            buffer, waited = self._acquire(layout.nbytes, lane, check)
+        start = time.perf_counter()
+        if buffer is not None:
+            layout.capture(buffer)
+            self.pool.prefill()  # The next snapshot's buffer, off-thread.
+        snapshot = Snapshot(level, layout.spec, buffer, self.pool,
+                            bool(getattr(model, "stop_training", False)))
+        took = time.perf_counter() - start
+        self.snapshots += 1
+        self.snapshot_bytes += layout.nbytes
+        self.end_window()
+        self._shared = snapshot.retain()
+        return snapshot.retain(), took, waited
+
+    def layout(self, model: Any, level: StateLevel) -> StateLayout:
+        """The layout of `model`'s state at `level`, retaken if its
+        variables are no longer the ones it was made for."""
+        variables = state_variables(model, level)
+        layout = self._layouts.get(level)
+        if layout is None or len(layout.variables) != len(variables) or any(
+            a is not b for a, b in zip(layout.variables, variables)
+        ):
+            layout = StateLayout(level, variables)
+            self._layouts[level] = layout
+        return layout
+
+    def _acquire(
+        self, nbytes: int, lane: Lane, check: Callable[[], None]
+    ) -> tuple[Buffer, float]:
+        waited = 0.0
+        while True:
+            buffer, generation = self.pool.try_acquire(nbytes)
+            if buffer is not None:
+                return buffer, waited
+            if self._shared is not None:
+                self.end_window()  # It may hold the last free buffer.
+                continue
+            if lane.policy != "block":
+                victim = lane.channel.drop_oldest_holding_snapshot()
+                if victim is not None:
+                    lane.record_drops([victim])
+                    continue
+            check()
+            start = time.perf_counter()
+            self.pool.wait(generation)
+            waited += time.perf_counter() - start
+
+    def end_window(self) -> None:
+        """Ends the sharing window of the current dispatch's snapshot."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.release()
+
+    def reserve(self, model: Any) -> None:
+        """Allocates (and pages in) a buffer for a full snapshot now, at
+        the start of a run, rather than in the first checkpoint's step;
+        only once the state's size is known (TensorFlow builds the
+        optimizer in the first step of the first `fit`)."""
+        optimizer = getattr(model, "optimizer", None)
+        if getattr(model, "built", False) and getattr(optimizer, "built", True):
+            nbytes = self.layout(model, StateLevel.FULL).nbytes
+            if nbytes:
+                self.pool.reserve(nbytes)
+
+    def close(self) -> None:
+        """Ends the window and frees every buffer (end of a run)."""
+        self.end_window()
+        self.pool.close()
