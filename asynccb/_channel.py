@@ -31,7 +31,7 @@ class Channel:
         self._items: collections.deque = collections.deque()
         self._unfinished = 0
         self._closed = False
-        self._waker: Callable[[], None] | None = None
+        self._waker: Callable[[], object] | None = None
         self._producer_blocked = False
         self._cond = threading.Condition()
 
@@ -170,11 +170,12 @@ class Channel:
                 self._cond.wait()
             return self._items.popleft()
 
-    def get_or_arm(self, waker: Callable[[], None]) -> Any:
+    def get_or_arm(self, waker: Callable[[], object]) -> Any:
         """The next item, or `None` after arming `waker` for the next put.
 
         For consumers that cannot block a thread (async tasks): `waker` is
-        called, from the producer's thread, on the next `put` or `close`.
+        called, from the producer's thread, on the next `put` or `close`
+        (what it returns is ignored).
         """
         with self._cond:
             if self._items:

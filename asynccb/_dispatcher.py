@@ -233,7 +233,8 @@ class Dispatcher:
             AsyncCallbackError: If an offloaded hook failed.
         """
         for lane in self.lanes:
-            lane.channel.join(interrupted=lambda lane=lane: lane.error is not None)
+            # Called only during `join`, while `lane` is this one.
+            lane.channel.join(interrupted=lambda: lane.error is not None)
         self.check()
 
     # Errors and deferred control.

@@ -17,10 +17,10 @@ from asynccb._roles import (
     state_planner,
     uses_model,
 )
-from asynccb._snapshot import StateLevel
+from asynccb._snapshot import Snapshot, StateLevel
 from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
-from asynccb._tasks import Task
+from asynccb._tasks import Task, TaskRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
@@ -187,8 +187,12 @@ class Lane:
         self.completed += 1
 
     def _release(self, task: Task) -> None:
-        if task.snapshot is not None:
-            task.snapshot.release()
+        snapshot = task.snapshot
+        if snapshot is not None:
+            # In the training process, a `Snapshot` (only a worker
+            # process' tasks hold a `SnapshotRef`).
+            assert isinstance(snapshot, Snapshot), snapshot
+            snapshot.release()
             task.snapshot = None
         self.channel.done()
 
@@ -219,13 +223,17 @@ class Lane:
                 self.cancelled += 1
                 return
             start = time.perf_counter()
+            # The async executor's lanes run in this process, with the
+            # default runner (see `Runner`).
+            runner = self.runner
+            assert isinstance(runner, TaskRunner), runner
             try:
-                if self.runner.is_coroutine_hook(task):
-                    before = await run_sync(self.runner.prepare, task)
-                    await self.runner.invoke(task)
-                    effects = self.runner.effects(task, before)
+                if runner.is_coroutine_hook(task):
+                    before = await run_sync(runner.prepare, task)
+                    await runner.invoke(task)
+                    effects = runner.effects(task, before)
                 else:  # In one call: it may hold a shared shadow.
-                    effects = await run_sync(self.runner.run, task)
+                    effects = await run_sync(runner.run, task)
             except Exception as exc:  # Cancellation must propagate.
                 self.fail(task.describe(), exc)
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +34,7 @@ def keras_run_frame() -> Any:
     instead. In a hand-written loop the caller is the user's code, which
     calls the end hooks itself: no frame is watched.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if not module.startswith(("asynccb", "keras.src.callbacks")):

@@ -15,7 +15,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -25,6 +25,9 @@ from asynccb._snapshot import (
     state_variables,
     variables_signature,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._executors.process.messages import SnapshotRef
 
 __all__ = ["ModelBlueprint", "Shadow", "current_blueprint", "shared_shadow"]
 
@@ -236,9 +239,10 @@ class Shadow:
             self.model = self.blueprint.build()
         return self.model
 
-    def apply(self, snapshot: Snapshot) -> Any:
-        """Copies `snapshot` into the shadow's variables, unless they hold
-        it already (it was applied for another lane sharing the shadow).
+    def apply(self, snapshot: Snapshot | SnapshotRef) -> Any:
+        """Copies `snapshot` (in a worker process, a `SnapshotRef`) into
+        the shadow's variables, unless they hold it already (it was
+        applied for another lane sharing the shadow).
 
         Returns:
             The shadow model holding the snapshot.

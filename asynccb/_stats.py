@@ -178,10 +178,10 @@ class Stats:
         )
         if self.synchronous:
             lines.append("asynccb: synchronous callbacks (training thread)")
-            for stats in self.synchronous.values():
-                total = sum(t.total_s for t in stats.hook_time.values())
+            for sync in self.synchronous.values():
+                total = sum(t.total_s for t in sync.hook_time.values())
                 slowest = max(
-                    stats.hook_time.items(),
+                    sync.hook_time.items(),
                     key=lambda item: item[1].p50_s,
                     default=(None, Timing()),
                 )
@@ -189,7 +189,7 @@ class Stats:
                     f", slowest {slowest[0]} p50 {_ms(slowest[1].p50_s)}"
                     if slowest[0] else ""
                 )
-                lines.append(f"  {stats.name:<24.24} total {_s(total)}{slow}")
+                lines.append(f"  {sync.name:<24.24} total {_s(total)}{slow}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

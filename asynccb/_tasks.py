@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
 from asynccb._saving import save_atomically
 from asynccb._shadow import ModelBlueprint, Shadow, shared_shadow
 from asynccb._snapshot import Snapshot
+
+if TYPE_CHECKING:  # pragma: no cover
+    from asynccb._executors.process.messages import SnapshotRef
 
 __all__ = ["Task", "TaskRunner"]
 
@@ -33,7 +36,8 @@ class Task:
         args: Positional arguments: `(epoch,)`, `(batch,)`, `(filepath,)`.
         logs: The hook's private copy of `logs`.
         kwargs: Keyword arguments of a save.
-        snapshot: The model state the work sees, or `None`.
+        snapshot: The model state the work sees, or `None` (in a worker
+            process, a `SnapshotRef` to it).
         model: The `ModelBlueprint` the shadow is built from, on tasks that
             need a shadow (`None` for a callback that never uses its model).
     """
@@ -43,7 +47,7 @@ class Task:
     args: tuple = ()
     logs: Any = None
     kwargs: dict = field(default_factory=dict)
-    snapshot: Snapshot | None = None
+    snapshot: Snapshot | SnapshotRef | None = None
     model: Any = None
 
     @property
@@ -87,6 +91,7 @@ class TaskRunner:
     def __init__(self, callback: Any, deferred_control: bool):
         self.callback = callback
         self.deferred_control = deferred_control
+        self.capacity = 1  # Unused: it maps no buffers (see `Runner`).
         self.shadow: Shadow | None = None
         self._published: Any = None  # The shadow the callback was given.
 

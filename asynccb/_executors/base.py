@@ -16,7 +16,20 @@ __all__ = ["Executor", "Runner"]
 
 class Runner(Protocol):
     """Runs one lane's tasks on the executor's side (in this process, or
-    through a worker process), one at a time, in order."""
+    through a worker process), one at a time, in order.
+
+    The `async` executor's lanes also split a task into steps, to await a
+    coroutine hook in between: they run with the in-process `TaskRunner`
+    (the default `Executor.runner`), whose steps `Lane.run_async` uses.
+
+    Attributes:
+        capacity: How many snapshot buffers a worker in another process
+            may keep mapped (as many as the run's pool may have alive),
+            set by the dispatcher before the lane starts; a runner in
+            this process maps none and ignores it.
+    """
+
+    capacity: int
 
     def prepare_callback(self) -> None:
         """Readies the callback for the run, on the training thread, so

@@ -34,11 +34,11 @@ def _forward(lane: Lane, runner: ProcessRunner) -> None:
         while True:
             task = lane.channel.get_or_arm(lambda: os.write(wake_write, b"!"))
             # Between tasks, watch the worker too (not once it has failed).
-            watching = runner.sentinel is not None and lane.error is None
+            sentinel = runner.sentinel if lane.error is None else None
             if task is None:
-                ready = wait([wake_read] + ([runner.sentinel] if watching
+                ready = wait([wake_read] + ([sentinel] if sentinel is not None
                                             else []))
-                if watching and runner.sentinel in ready:
+                if sentinel is not None and sentinel in ready:
                     lane.fail("worker (idle)", runner.death("idle"))
                 if wake_read in ready:
                     os.read(wake_read, 4096)
@@ -82,4 +82,6 @@ class ProcessExecutor(ThreadExecutor):
 
     @staticmethod
     def serve(lane: Lane) -> None:
-        _forward(lane, lane.runner)
+        runner = lane.runner
+        assert isinstance(runner, ProcessRunner), runner  # From `runner`.
+        _forward(lane, runner)

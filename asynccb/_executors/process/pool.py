@@ -77,7 +77,8 @@ class WorkerProcess:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
-        lifeline_read, self._lifeline = os.pipe()
+        lifeline_read, lifeline = os.pipe()
+        self._lifeline: int | None = lifeline  # `None` once closed.
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", WORKER_MODULE,

@@ -23,6 +23,7 @@ from asynccb._errors import WorkerDiedError
 from asynccb._executors.process import messages, pool
 from asynccb._executors.process.messages import USE_BLUEPRINT, SnapshotRef
 from asynccb._saving import remove_temporaries
+from asynccb._snapshot import Snapshot
 from asynccb._tasks import Task
 
 __all__ = ["ProcessRunner", "pickle_callback"]
@@ -38,8 +39,10 @@ def _travel_by_value(classes: Any) -> None:
     for cls in classes:
         for base in getattr(cls, "__mro__", (cls,)):
             name = getattr(base, "__module__", None)
-            module = sys.modules.get(name or "")
-            if module is None or name in ("__main__", "builtins"):
+            if name is None or name in ("__main__", "builtins"):
+                continue
+            module = sys.modules.get(name)
+            if module is None:
                 continue
             # Look on `sys.path`, as the worker will (`importlib.util.
             # find_spec` would answer from `sys.modules`).
@@ -145,18 +148,28 @@ class ProcessRunner:
             self._finalizer = None
         self._lane = None
 
+    # Below, attached: between `start` and `stop`, the lane open in the
+    # worker (a lane whose `start` failed has failed: it runs no task,
+    # watches no worker and does not `finish`).
+
     def _send(self, message: messages.ToWorker) -> None:
+        assert self._worker is not None, "not attached"
         self._worker.send(message)
 
     def _receive(self, doing: str, expected: type) -> Any:
+        assert self._worker is not None and self._lane is not None, (
+            "not attached")
         return self._worker.receive(self._lane[1], doing, expected)
 
     def death(self, doing: str) -> WorkerDiedError:
         """The error for the worker, found dead while `doing` something."""
+        assert self._worker is not None, "not attached"
         return self._worker.died_error(doing)
 
     def run(self, task: Task) -> dict:
         """Runs `task` in the worker; returns its control effects."""
+        assert self._worker is not None and self._lane is not None, (
+            "not attached")
         number = self._lane[1]
         if task.model is not None:
             if task.model is not self._blueprint:
@@ -167,12 +180,14 @@ class ProcessRunner:
         else:
             model = None
         snapshot = task.snapshot
+        ref = None
         if snapshot is not None:
-            snapshot = SnapshotRef(
+            assert isinstance(snapshot, Snapshot), snapshot  # Ours, not a ref.
+            ref = SnapshotRef(
                 snapshot.buffer.name if snapshot.buffer is not None else None,
                 snapshot.layout, snapshot.stop_training, snapshot.serial)
         remote = Task(task.kind, task.name, task.args, task.logs,
-                      task.kwargs, snapshot=snapshot, model=model)
+                      task.kwargs, snapshot=ref, model=model)
         payload = None
         if task.kind in ("set_model", "attach"):
             # The callback as it is when its run starts, sent with its model.
@@ -190,6 +205,7 @@ class ProcessRunner:
     def finish(self) -> None:
         """Copies the worker's callback state back onto the user's object,
         so that after `fit` it holds what plain Keras would have left."""
+        assert self._lane is not None, "not attached"
         self._send(messages.Finish(self._lane[1]))
         state = self._receive("returning the callback's state",
                               messages.State)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import uuid
 from multiprocessing import resource_tracker, shared_memory
@@ -45,15 +46,16 @@ def allocate_shared(nbytes: int) -> Buffer:
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
-    try:  # Python 3.13+: attach without registering for cleanup.
+    if sys.version_info >= (3, 13):  # Attach without registering for cleanup.
         return shared_memory.SharedMemory(name=name, track=False)
-    except TypeError:
-        segment = shared_memory.SharedMemory(name=name)
-        # Older Pythons register every attachment with the resource
-        # tracker, which would then unlink the training process' segment
-        # when this worker exits. The creator owns it: unregister.
-        resource_tracker.unregister(segment._name, "shared_memory")
-        return segment
+    segment = shared_memory.SharedMemory(name=name)
+    # Older Pythons register every attachment with the resource tracker,
+    # which would then unlink the training process' segment when this
+    # worker exits. The creator owns it: unregister it under the name it
+    # was registered with (the private `_name`, with its leading slash).
+    resource_tracker.unregister(
+        segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
 
 
 class SharedBuffers:

@@ -126,6 +126,9 @@ class _Lane:
         try:
             if task.model == USE_BLUEPRINT:
                 if self.blueprint is None:
+                    # The training process sends a lane's `Blueprint`
+                    # before the first task that uses it.
+                    assert self.blueprint_data is not None, "no blueprint"
                     self.blueprint = pickle.loads(self.blueprint_data)
                 task.model = self.blueprint
             snapshot = task.snapshot
@@ -184,6 +187,9 @@ def serve(conn: Any) -> None:
                 if lane is not None:
                     lane.close()
             else:
+                assert isinstance(message, (messages.Blueprint,
+                                            messages.RunTask,
+                                            messages.Finish)), message
                 lanes[message.lane].put(message)
     finally:
         for lane in lanes.values():
