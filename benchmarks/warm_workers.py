@@ -12,10 +12,13 @@ Two measurements, on a small MLP with synthetic MNIST-shaped data:
   seconds per `fit`, with min and max, and the CPU seconds of the training
   process and of the workers per `fit`.
 - memory: the resident memory of asynccb's worker processes after a `fit`
-  with 1 and with 4 process-offloaded callbacks (3 checkpoints and a CSV
-  log) on one wider model (`--memory-width`, so that its shadows weigh
-  beside TensorFlow's own memory), each run from no worker
-  (`asynccb.shutdown()`), interleaved, repeated.
+  with 1 (a checkpoint) and with 4 process-offloaded callbacks (3
+  checkpoints and a CSV log) on one wider model (`--memory-width`, so
+  that its shadows weigh beside TensorFlow's own memory), each from no worker
+  (`asynccb.shutdown()`), interleaved, repeated; in two forms: each
+  callback wrapped in its own `AsyncCallback` (each wrapper takes its own
+  snapshots, in buffers of its own) and all in one `AsyncCallbackList`
+  (one snapshot per step, shared).
 
 Run from the repository root: python benchmarks/warm_workers.py
 """
@@ -33,6 +36,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from measure import descendants_cpu_and_rss  # noqa: E402
+
+
+FORMS = {"wrappers": "an AsyncCallback each", "list": "one AsyncCallbackList"}
 
 
 def parse_args(argv=None):
@@ -80,12 +86,18 @@ def main(argv=None) -> dict:
 
     directory = tempfile.mkdtemp(prefix="asynccb-warm-")
 
-    def callbacks(executor, count=2):
+    def callbacks(executor, count=2, form="wrappers", m=None):
+        # `count` callbacks: a CSV log beside checkpoints, or (for one) a
+        # checkpoint alone: what a shadow and snapshots cost shows in both.
         made = [keras.callbacks.ModelCheckpoint(
                     os.path.join(directory, f"{executor}-{i}.keras"))
-                for i in range(count - 1)]
-        made.append(keras.callbacks.CSVLogger(
-            os.path.join(directory, f"{executor}.csv")))
+                for i in range(max(count - 1, 1))]
+        if count > 1:
+            made.append(keras.callbacks.CSVLogger(
+                os.path.join(directory, f"{executor}.csv")))
+        if form == "list":
+            return asynccb.AsyncCallbackList(made, model=m, add_history=True,
+                                             executor=executor)
         return [AsyncCallback(cb, executor=executor) for cb in made]
 
     def fit(m, cbs):
@@ -113,17 +125,17 @@ def main(argv=None) -> dict:
     extra = [p[0] - t[0] for t, p in pairs]
 
     # Memory: worker RSS with 1 and 4 process callbacks, from no worker.
-    memory = {1: [], 4: []}
+    memory = {(form, count): [] for form in FORMS for count in (1, 4)}
     state_mib = 0.0
     for repeat in range(args.memory_repeats):
-        for count in (1, 4):
+        for form, count in memory:
             asynccb.shutdown()
             m = model(args.memory_width)
             state_mib = sum(v.numpy().nbytes for v in
                             m.weights) * 3 / 2**20  # Weights + Adam's two.
             m.fit(x, y, epochs=1, batch_size=64, verbose=0,
-                  callbacks=callbacks("process", count))
-            memory[count].append(descendants_cpu_and_rss()[1])
+                  callbacks=callbacks("process", count, form, m))
+            memory[form, count].append(descendants_cpu_and_rss()[1])
     asynccb.shutdown()
 
     def med(values):
@@ -139,11 +151,10 @@ def main(argv=None) -> dict:
         "thread_fit_cpu_s": med([t[1] + t[2] for t, _ in pairs]),
         "process_fit_cpu_s": med([p[1] + p[2] for _, p in pairs]),
         "process_fit_worker_cpu_s": med([p[2] for _, p in pairs]),
-        "worker_rss_mib": {count: med(values) / 2**20
-                           for count, values in memory.items()},
+        "worker_rss_mib": {f"{form}, {count}": med(values) / 2**20
+                           for (form, count), values in memory.items()},
         "memory_model_state_mib": state_mib,
     }
-    ratio = result["worker_rss_mib"][4] / result["worker_rss_mib"][1]
     print()
     print(f"TF threads {args.tf_threads}; {args.repeats} interleaved "
           f"repeats, medians (min-max).")
@@ -157,10 +168,12 @@ def main(argv=None) -> dict:
     print(f"| later fit CPU (trainer + workers), thread / process | "
           f"{result['thread_fit_cpu_s']:.2f} s / "
           f"{result['process_fit_cpu_s']:.2f} s |")
-    print(f"| worker RSS, 1 / 4 process callbacks, model state "
-          f"{state_mib:.0f} MiB | "
-          f"{result['worker_rss_mib'][1]:.0f} MiB / "
-          f"{result['worker_rss_mib'][4]:.0f} MiB ({ratio:.2f}x) |")
+    for form in FORMS:
+        one, four = (result["worker_rss_mib"][f"{form}, {count}"]
+                     for count in (1, 4))
+        print(f"| worker RSS, 1 / 4 process callbacks ({FORMS[form]}), "
+              f"model state {state_mib:.0f} MiB | {one:.0f} MiB / "
+              f"{four:.0f} MiB ({four / one:.2f}x) |")
     return result
 
 

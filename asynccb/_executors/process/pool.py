@@ -52,6 +52,10 @@ WORKER_ENVIRONMENT = {
     "OMP_NUM_THREADS": "1",
     "TF_NUM_INTRAOP_THREADS": "1",
     "TF_NUM_INTEROP_THREADS": "1",
+    # Each lane's thread would get a malloc arena of its own, and keep in
+    # it the memory its last save freed (Keras builds a file in memory):
+    # with several checkpoints, a spent save's worth each.
+    "MALLOC_ARENA_MAX": "2",
 }
 
 
