@@ -345,6 +345,9 @@ class BufferPool:
             self._prefill.start()
 
     def _allocate_free(self, nbytes: int) -> None:
+        from asynccb._executors.placement import pin_this_thread
+
+        pin_this_thread()  # Paging in is work: on the workers' CPUs.
         # On failure `_new` gives the slot back and this thread reports the
         # error; the snapshot that needs a buffer allocates it itself and
         # raises what this raised.

@@ -21,6 +21,7 @@ from crossproc import Signal, children_of, wait_for_exit
 from recording import LiveWeights
 
 from asynccb import AsyncCallback, AsyncCallbackError, WorkerDiedError
+from asynccb._executors import EXECUTORS
 
 TESTS = Path(__file__).resolve().parent
 
@@ -448,3 +449,43 @@ def test_shutdown_during_a_run_is_an_error():
     assert len(attempts) == 2
     assert "call it after `fit` returns" in attempts[0]
     assert len(callback.seen) == 1  # The run went on, in its worker.
+
+
+class RecordsItsCpus(keras.callbacks.Callback):
+    """Where its hooks ran: the process and the CPUs it may use."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append((os.getpid(), sorted(os.sched_getaffinity(0))))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to tell pinned from not")
+def test_workers_run_on_the_cpus_given():
+    """`configure_workers(cpus=...)`: the worker process and the threads
+    of every executor run there; the training thread stays where it was."""
+    import asynccb
+
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[-1]
+    asynccb.shutdown()
+    asynccb.configure_workers(cpus={chosen})
+    try:
+        recorders = {name: RecordsItsCpus() for name in EXECUTORS}
+        x, y = mnist_like(64)
+        _model(Doubler()).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                              callbacks=[
+                                  AsyncCallback(recorder, executor=name,
+                                                state="none")
+                                  for name, recorder in recorders.items()])
+        for name, recorder in recorders.items():
+            [(pid, cpus)] = recorder.seen
+            assert cpus == [chosen], name
+            assert (pid != os.getpid()) == (name == "process"), name
+        assert sorted(os.sched_getaffinity(0)) == allowed
+    finally:
+        asynccb.configure_workers()
+        asynccb.shutdown()  # Its next worker goes anywhere again.

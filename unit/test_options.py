@@ -86,3 +86,11 @@ def test_configure_workers_rejects_bad_values(arguments, message):
 
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         configure_workers(**arguments)
+
+
+@pytest.mark.parametrize("cpus", [set(), [10_000], ["0"], [True], 3])
+def test_configure_workers_rejects_bad_cpus(cpus):
+    from asynccb import configure_workers
+
+    with pytest.raises(ValueError, match="Received: cpus="):
+        configure_workers(cpus=cpus)

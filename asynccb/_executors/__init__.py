@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
@@ -68,7 +68,9 @@ def shutdown() -> None:
 
 
 def configure_workers(
-    processes: int = 1, idle_timeout: float | None = IDLE_TIMEOUT_S
+    processes: int = 1,
+    idle_timeout: float | None = IDLE_TIMEOUT_S,
+    cpus: Iterable[int] | None = None,
 ) -> None:
     """Sets up the worker processes of the `"process"` executor.
 
@@ -86,10 +88,27 @@ def configure_workers(
         idle_timeout: Seconds without a run after which the workers stop
             (the next run starts them again), or `None` to keep them until
             `asynccb.shutdown()` or interpreter exit.
+        cpus: The CPU numbers asynccb's work runs on: its worker processes
+            and, on Linux, its worker threads (each executor's threads,
+            the snapshot prefill); `None` leaves them where the OS puts
+            them. On a host whose training thread and input pipeline own
+            some cores, give the workers the others. Workers already
+            started keep their CPUs until they are idle, then restart.
 
     Raises:
-        ValueError: If an argument is out of range.
+        ValueError: If an argument is out of range, or a CPU is not one
+            this process may use.
+        NotImplementedError: If `cpus` is given and the OS cannot pin.
+
+    Example:
+
+    ```python
+    import os
+    os.sched_setaffinity(0, {0, 1})  # Training (before TensorFlow starts).
+    asynccb.configure_workers(cpus={2, 3})  # Checkpoints, logs, uploads.
+    ```
     """
+    from asynccb._executors import placement
     from asynccb._executors.process import pool
     from asynccb._options import check_positive_int
 
@@ -102,4 +121,6 @@ def configure_workers(
         raise ValueError("`idle_timeout` must be a positive number of "
                          "seconds, or None. "
                          f"Received: idle_timeout={idle_timeout!r}")
-    pool.configure(processes, idle_timeout)
+    chosen = placement.check_cpus(cpus)
+    placement.set_worker_cpus(chosen)
+    pool.configure(processes, idle_timeout, chosen)

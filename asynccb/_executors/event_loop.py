@@ -18,6 +18,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from asynccb._channel import CLOSED
 from asynccb._executors.base import Executor
+from asynccb._executors.placement import pin_this_thread
 from asynccb._lane import Lane
 
 __all__ = ["AsyncExecutor"]
@@ -39,7 +40,8 @@ class _LaneThread:
 
     def __init__(self, lane: Lane, portal: BlockingPortal):
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"asynccb-{lane.name}")
+            1, thread_name_prefix=f"asynccb-{lane.name}",
+            initializer=pin_this_thread)
         self._portal = portal
 
     async def run_sync(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -60,6 +62,7 @@ class _LaneThread:
 
 
 async def _consume(lane: Lane, portal: BlockingPortal) -> None:
+    pin_this_thread()  # The loop's thread.
     thread = _LaneThread(lane, portal)
     try:
         while True:

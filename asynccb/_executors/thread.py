@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from asynccb._channel import CLOSED
 from asynccb._executors.base import Executor
+from asynccb._executors.placement import pin_this_thread
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._lane import Lane
@@ -39,6 +40,7 @@ class ThreadExecutor(Executor):
     @staticmethod
     def serve(lane: "Lane") -> None:
         """What the lane's thread runs: take tasks, run them, in order."""
+        pin_this_thread()
         _consume(lane)
 
     def start(self, lane: "Lane") -> None:

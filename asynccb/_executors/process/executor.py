@@ -14,6 +14,7 @@ from typing import Any
 
 from asynccb._channel import CLOSED
 from asynccb._lane import Lane
+from asynccb._executors.placement import pin_this_thread
 from asynccb._executors.process import pool
 from asynccb._executors.process.runner import ProcessRunner, pickle_callback
 from asynccb._executors.process.shared_memory import allocate_shared
@@ -24,6 +25,7 @@ __all__ = ["ProcessExecutor"]
 
 
 def _forward(lane: Lane, runner: ProcessRunner) -> None:
+    pin_this_thread()  # It pickles tasks and callbacks: work.
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
     try:

@@ -79,14 +79,16 @@ class WorkerProcess:
     has imported TensorFlow and replied `Ready`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: frozenset[int] | None = None) -> None:
         ours, theirs = socket.socketpair()
         lifeline_read, lifeline = os.pipe()
         self._lifeline: int | None = lifeline  # `None` once closed.
+        self.cpus = cpus
+        pinned = [",".join(map(str, sorted(cpus)))] if cpus else []
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", WORKER_MODULE,
-                 str(theirs.fileno()), str(lifeline_read)],
+                 str(theirs.fileno()), str(lifeline_read), *pinned],
                 pass_fds=(theirs.fileno(), lifeline_read),
                 env={**os.environ, **WORKER_ENVIRONMENT},
                 stdin=subprocess.DEVNULL,
@@ -245,6 +247,7 @@ class _Pool:
         self._idle: threading.Timer | None = None
         self.processes = 1
         self.idle_timeout: float | None = IDLE_TIMEOUT_S
+        self.cpus: frozenset[int] | None = None
 
     def acquire(self, previous: WorkerProcess | None = None) -> WorkerProcess:
         """A warm worker (started now if needed) attached for a run:
@@ -255,13 +258,13 @@ class _Pool:
                 self._workers.remove(dead)
                 if not dead.users:  # Else its last lane's release stops it.
                     dead.stop()
-            serving = self._workers[:self.processes]
+            serving = self._serving()
             if previous in serving:
                 worker = previous
             elif len(serving) < self.processes and all(
                 w.users for w in serving
             ):
-                worker = WorkerProcess()
+                worker = WorkerProcess(self.cpus)
                 self._workers.append(worker)
             else:
                 worker = min(serving, key=lambda w: w.users)
@@ -274,9 +277,9 @@ class _Pool:
             worker.users -= 1
             if worker.users:
                 return
-            if worker not in self._workers[:self.processes]:
-                # Dead, or beyond a lowered `processes`: its last lane is
-                # done with it.
+            if worker not in self._serving():
+                # Dead, beyond a lowered `processes` or on other CPUs: its
+                # last lane is done with it.
                 if worker in self._workers:
                     self._workers.remove(worker)
                 worker.stop()
@@ -291,15 +294,24 @@ class _Pool:
             self._idle = idle
             idle.start()
 
-    def configure(self, processes: int, idle_timeout: float | None) -> None:
-        """Sets how many workers serve the lanes of later runs, and how
-        long they stay warm without a run (`None`: until shutdown); stops
-        idle workers beyond the new count now."""
+    def _serving(self) -> list[WorkerProcess]:
+        """The workers new lanes may go to: alive, on the CPUs asked for,
+        at most `processes`."""
+        return [w for w in self._workers
+                if w.alive and w.cpus == self.cpus][:self.processes]
+
+    def configure(self, processes: int, idle_timeout: float | None,
+                  cpus: frozenset[int] | None) -> None:
+        """Sets how many workers serve the lanes of later runs, on which
+        CPUs, and how long they stay warm without a run (`None`: until
+        shutdown); stops now the idle workers no longer wanted."""
         with self._lock:
             self.processes = processes
             self.idle_timeout = idle_timeout
-            surplus = [w for w in self._workers[self.processes:]
-                       if not w.users]
+            self.cpus = cpus
+            serving = self._serving()
+            surplus = [w for w in self._workers
+                       if w not in serving and not w.users]
             for worker in surplus:
                 self._workers.remove(worker)
         for worker in surplus:

@@ -1,7 +1,7 @@
 """The main function of a worker process: one, warm, per training process.
 
 Started as `python -m asynccb._executors.process.worker <socket fd>
-<lifeline fd>` with an environment that hides accelerators and limits
+<lifeline fd> [<cpus>]` with an environment that hides accelerators and limits
 threads. `initialize` sets the process up before TensorFlow loads (lower
 priority, deaf to Ctrl-C, which the training process handles) and takes
 the `Init` message; `serve` then runs the lanes' messages (`messages.py`),
@@ -216,4 +216,7 @@ if __name__ == "__main__":
     # messages name is loaded once.
     from asynccb._executors.process.worker import main as _main
 
+    if len(sys.argv) > 3:  # `configure_workers(cpus=...)`, before any
+        # thread starts: TensorFlow's inherit it.
+        os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[3].split(",")})
     _main(Connection(int(sys.argv[1])), int(sys.argv[2]))

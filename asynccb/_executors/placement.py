@@ -1,0 +1,62 @@
+"""Where asynccb's workers run: the CPUs given to `configure_workers`.
+
+On an accelerator host the training thread and `tf.data` own some cores;
+asynccb's worker processes and threads can be kept to the others. Linux
+pins a thread on its own (`sched_setaffinity` of the calling thread), so
+every asynccb thread that does work pins itself when it starts, and a
+worker process is pinned before TensorFlow starts its threads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+__all__ = ["check_cpus", "pin_this_thread", "set_worker_cpus", "worker_cpus"]
+
+_cpus: frozenset[int] | None = None
+
+
+def check_cpus(cpus: Iterable[int] | None) -> frozenset[int] | None:
+    """`cpus` as a set, checked against the CPUs this process may use.
+
+    Raises:
+        ValueError: If it is empty, holds something other than CPU numbers,
+            or a CPU this process may not run on.
+        NotImplementedError: If the OS cannot pin (macOS, Windows).
+    """
+    if cpus is None:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise NotImplementedError(
+            "`cpus` needs os.sched_setaffinity, which this OS lacks.")
+    try:
+        chosen = frozenset(cpus)
+    except TypeError:
+        chosen = frozenset()
+    allowed = os.sched_getaffinity(0)
+    if not chosen or not all(
+        isinstance(cpu, int) and not isinstance(cpu, bool) for cpu in chosen
+    ) or not chosen <= allowed:
+        raise ValueError(
+            "`cpus` must be a non-empty set of CPU numbers this process may "
+            f"use ({', '.join(map(str, sorted(allowed)))}). "
+            f"Received: cpus={cpus!r}")
+    return chosen
+
+
+def set_worker_cpus(cpus: frozenset[int] | None) -> None:
+    global _cpus
+    _cpus = cpus
+
+
+def worker_cpus() -> frozenset[int] | None:
+    """The CPUs asynccb's workers run on, or `None`: wherever the OS puts
+    them (for threads: the CPUs of the thread that started them)."""
+    return _cpus
+
+
+def pin_this_thread() -> None:
+    """Keeps the calling thread (on Linux: only it) to the worker CPUs."""
+    if _cpus is not None:
+        os.sched_setaffinity(0, _cpus)
