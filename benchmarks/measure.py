@@ -1,5 +1,6 @@
-"""Measuring instruments for the benchmarks: timers, memory, the memcpy
-floor, and checkpoint verification against plain Keras."""
+"""Measuring instruments for the benchmarks: timers, memory, CPU, the
+memcpy floor, a probe of the machine's speed, and checkpoint verification
+against plain Keras."""
 
 from __future__ import annotations
 
@@ -36,6 +37,118 @@ def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
         np.copyto(target, source)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+# The probe: a fixed CPU-bound job timed before every run. 64x64x64 float32
+# products stay under OpenBLAS' threshold for threading (m*n*k <= 4*65536),
+# so the probe runs on one core, as the training thread does; 15,000 of
+# them take about 70 ms on the 2-core machine of the README's figures.
+PROBE_SIZE = 64
+PROBE_ROUNDS = 15_000
+
+
+def cpu_probe(size: int = PROBE_SIZE, rounds: int = PROBE_ROUNDS) -> float:
+    """Wall seconds of a fixed, single-threaded, CPU-bound job, now.
+
+    The job never changes, so a probe slower than the benchmark's usual
+    one says the machine was slower at that moment (another process on
+    our core, a lower clock), whatever the code under test does.
+    """
+    rng = np.random.default_rng(0)
+    left = rng.random((size, size), dtype=np.float32)
+    right = rng.random((size, size), dtype=np.float32)
+    out = np.empty_like(left)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        np.matmul(left, right, out=out)
+    return time.perf_counter() - start
+
+
+def own_cpu_seconds() -> float:
+    """User plus system CPU seconds of this process (all its threads).
+
+    `time.process_time` is the same sum as `os.times()`' user + system,
+    read with nanosecond resolution instead of clock ticks (10 ms here):
+    a single raw write of a checkpoint's bytes costs about that much.
+    """
+    return time.process_time()
+
+
+class CpuWindow:
+    """CPU seconds of this process (`trainer_s`) and of its descendants,
+    asynccb's worker processes (`workers_s`), between `begin` and `end`.
+
+    The descendants are found by walking /proc; each walk is done outside
+    the span of this process' own reading, so it is not counted.
+    """
+
+    def __init__(self) -> None:
+        self._trainer = self._workers = 0.0
+        self.trainer_s: float | None = None
+        self.workers_s: float | None = None
+
+    def begin(self) -> None:
+        self._workers = descendants_cpu_and_rss()[0]
+        self._trainer = own_cpu_seconds()
+
+    def end(self) -> None:
+        self.trainer_s = own_cpu_seconds() - self._trainer
+        self.workers_s = descendants_cpu_and_rss()[0] - self._workers
+
+
+RAW_WRITE_CHUNK = 8 * 2**20
+
+
+def raw_write_seconds(nbytes: int, directory: str,
+                      repeats: int = 5) -> dict[str, float]:
+    """What writing `nbytes` costs with no format around them: a new file
+    written with `os.write` in 8 MiB chunks, then fsynced; the medians of
+    `repeats` writes' CPU seconds (this process) and wall seconds."""
+    # Random bytes: a file system that compresses or dedupes gains nothing.
+    chunk = memoryview(np.random.default_rng(0).bytes(
+        min(RAW_WRITE_CHUNK, max(nbytes, 1))))
+    path = os.path.join(directory, "raw-write.bin")
+    cpu, wall = [], []
+    for _ in range(repeats):
+        cpu_start, start = own_cpu_seconds(), time.perf_counter()
+        _write_and_sync(path, nbytes, chunk)
+        wall.append(time.perf_counter() - start)
+        cpu.append(own_cpu_seconds() - cpu_start)
+        os.remove(path)
+    return {"bytes": nbytes, "cpu_s": statistics.median(cpu),
+            "wall_s": statistics.median(wall), "repeats": repeats}
+
+
+def _write_and_sync(path: str, nbytes: int, chunk: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, chunk[:min(left, len(chunk))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ASYNCCB_WORKER = "asynccb._executors.process.worker"
+
+
+def descendants_cpus(command: str = ASYNCCB_WORKER) -> list[int]:
+    """The CPUs this process' descendants whose command line holds
+    `command` (asynccb's worker processes) may run on, together (empty if
+    there are none): where the workers really ran. Other descendants
+    (multiprocessing's resource tracker) are left out: they inherit the
+    training thread's CPUs."""
+    cpus: set[int] = set()
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as line:
+                if command.encode() not in line.read():
+                    continue
+            cpus |= os.sched_getaffinity(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # Exited since the walk.
+    return sorted(cpus)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -234,6 +347,9 @@ class Window(keras.callbacks.Callback):
     part starts from an idle, ready state; the warm-up time is reported on
     its own.
 
+    Its `cpu` counts the CPU seconds of the window (ended by the caller
+    once `fit` has returned).
+
     Args:
         callbacks: The run's callbacks, to wait for.
         warmup_epochs: Epochs not measured.
@@ -247,6 +363,7 @@ class Window(keras.callbacks.Callback):
         self.warmup_epochs = warmup_epochs
         self.begin = None
         self.start = None
+        self.cpu = CpuWindow()  # `run_once` ends it after `fit` returns.
 
     def on_train_begin(self, logs=None):
         self.begin = time.perf_counter()
@@ -255,6 +372,7 @@ class Window(keras.callbacks.Callback):
         if epoch == self.warmup_epochs:
             for wait in self.waits:
                 wait()
+            self.cpu.begin()
             self.start = time.perf_counter()
 
     @property

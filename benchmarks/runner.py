@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -28,20 +29,26 @@ from measure import (
     PeakMemory,
     SaveTimer,
     Window,
+    cpu_probe,
+    descendants_cpus,
     memcpy_seconds,
     percentile,
     same_arrays,
     state_nbytes,
 )
 from variants import (
+    Config,
+    Variant,
     TimedList,
     build_model,
     checkpoint_arrays,
+    keras_file_bytes,
     synthetic_data,
     written_checkpoints,
 )
 
 REFERENCE = "keras"
+WARMUP_EPOCHS = 1
 
 
 def has_module(name: str) -> bool:
@@ -76,53 +83,86 @@ def _error(exc: BaseException) -> str:
     return f"error: {name}: {cause}"[:150]
 
 
-def run_once(variant, config, repeat: int, scratch: str) -> dict:
-    """One training run of `variant`; its figures and its checkpoints."""
-    slug = variant.name.replace(" ", "-").replace(".", "")
-    directory = os.path.join(scratch, f"{slug}-{repeat}")
+def _slug(variant: Variant, every: int | None, repeat: int) -> str:
+    name = variant.name.replace(" ", "-").replace(".", "")
+    return f"{name}-every{every}-{repeat}" if every else f"{name}-{repeat}"
+
+
+def _fit_measured(variant: Variant, config: Config, directory: str):
+    """Builds the run and fits it; returns its window, timer, memory
+    sampler and the `fit` wall times (start, end)."""
+    x, y = synthetic_data(config.steps_per_epoch * config.batch_size)
+    model = build_model(config.width)
+    callbacks, timer = variant.build(directory, config, x, model)
+    window = Window(callbacks, warmup_epochs=WARMUP_EPOCHS)
+    if isinstance(callbacks, list):
+        callbacks = [window] + callbacks
+    else:  # Our list: the window goes first in it.
+        callbacks.callbacks.insert(0, window)
+        window.set_model(model)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size,
+                  shuffle=False, verbose=0, callbacks=callbacks)
+        end = time.perf_counter()
+        window.cpu.end()
+    return window, timer, memory, start, end
+
+
+def run_once(variant: Variant, config: Config, repeat: int,
+             scratch: str) -> dict:
+    """One training run of `variant`; its figures and its checkpoints.
+
+    A probe of the machine's speed (`measure.cpu_probe`) runs first, so
+    that a run made in a slow stretch of a shared machine can be told.
+    """
+    every = config.save_every if variant.saves else None
+    directory = os.path.join(scratch, _slug(variant, every, repeat))
     os.makedirs(directory)
     result = {
         "name": variant.name, "note": variant.note, "repeat": repeat,
+        "every": every,
         "status": "ok", "directory": directory, "steps_per_s": None,
         "wall_s": None, "warmup_s": None, "save_times": [],
         "end_wait_s": None,
         "memcpy_s": None,
         "peak_rss_bytes": None, "checkpoints": 0, "verified": None,
+        "probe_s": None, "cpu_trainer_s": None, "cpu_workers_s": None,
+        "checkpoints_in_window": 0, "checkpoint_bytes": None,
+        "worker_process_cpus": [],
     }
     missing = variant.missing()
     if missing:
         result["status"] = missing
         return result
-    x, y = synthetic_data(config.steps_per_epoch * config.batch_size)
-    model = build_model(config.width)
+    result["probe_s"] = cpu_probe()
     try:
-        callbacks, timer = variant.build(directory, config, x, model)
-        window = Window(callbacks, warmup_epochs=1)
-        if isinstance(callbacks, list):
-            callbacks = [window] + callbacks
-        else:  # Our list: the window goes first in it.
-            callbacks.callbacks.insert(0, window)
-            window.set_model(model)
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size,
-                      shuffle=False, verbose=0, callbacks=callbacks)
-            end = time.perf_counter()
+        window, timer, memory, start, end = _fit_measured(
+            variant, config, directory)
     except Exception as exc:  # The row reports it.
         result["status"] = _error(exc)
         return result
-    measured = (config.epochs - 1) * config.steps_per_epoch
+    measured = (config.epochs - WARMUP_EPOCHS) * config.steps_per_epoch
+    steps = written_checkpoints(directory, config.steps_per_epoch)
     result.update(
         steps_per_s=measured / (end - window.start),
         wall_s=end - start,
         warmup_s=window.warmup_s,
         save_times=timer.clock.save_times if timer else [],
         memcpy_s=(statistics.median(timer.clock.floor.times)
-                  if timer and timer.clock.floor.times else None),
+                  if timer and timer.clock.floor
+                  and timer.clock.floor.times else None),
         end_wait_s=timer.clock.end_time if timer else None,
         peak_rss_bytes=memory.peak_bytes,
-        checkpoints=len(written_checkpoints(directory,
-                                            config.steps_per_epoch)),
+        cpu_trainer_s=window.cpu.trainer_s,
+        cpu_workers_s=window.cpu.workers_s,
+        checkpoints=len(steps),
+        # Saves of the warm-up epoch were done before the window opened.
+        checkpoints_in_window=sum(
+            step > WARMUP_EPOCHS * config.steps_per_epoch for step in steps),
+        checkpoint_bytes=keras_file_bytes(directory),
+        # Where the worker processes (if any) may run: proof of pinning.
+        worker_process_cpus=descendants_cpus(),
     )
     return result
 
@@ -153,36 +193,73 @@ def verify(result: dict, reference: dict | None, config, scratch: str) -> None:
         result["status_detail"] = _error(exc)
 
 
-def run_variants(variants, config, repeats: int, scratch: str) -> list[dict]:
+def run_variants(variants: list[Variant], config: Config, repeats: int,
+                 scratch: str) -> list[dict]:
     """Every variant, `repeats` times, interleaved (A B C A B C ...), after
     one warm-up run that is not counted."""
+    return run_schedule([(variant, config) for variant in variants],
+                        repeats, scratch)
+
+
+def single_schedule(variants: list[Variant], config: Config,
+                    intervals: list[int]) -> list[tuple[Variant, Config]]:
+    """One repeat of the single-callback view: the variants that write no
+    checkpoint once (their run is every interval's baseline), then every
+    save interval with every variant that saves."""
+    quiet = [(v, config) for v in variants if not v.saves]
+    return quiet + [
+        (variant, dataclasses.replace(config, save_every=every))
+        for every in intervals for variant in variants if variant.saves]
+
+
+def _label(variant: Variant, config: Config) -> str:
+    every = f", every {config.save_every}" if variant.saves else ""
+    return f"{variant.name}{every}"
+
+
+def run_schedule(schedule: list[tuple[Variant, Config]], repeats: int,
+                 scratch: str) -> list[dict]:
+    """Every (variant, config) of `schedule`, in its order, `repeats`
+    times (the whole schedule per repeat: machine drift hits all alike),
+    after one warm-up run that is not counted. Checkpoints are verified
+    against plain Keras' of the same save interval."""
     _progress("warm-up run (not counted)")
-    warmup = run_once(variants[0], config, -1, scratch)
+    warmup = run_once(*schedule[0], -1, scratch)
     shutil.rmtree(warmup["directory"], ignore_errors=True)
-    runs, reference = [], None
-    total = repeats * len(variants)
+    runs: list[dict] = []
+    references: dict[int | None, dict] = {}
+    total = repeats * len(schedule)
     for repeat in range(repeats):
-        for index, variant in enumerate(variants):
-            number = repeat * len(variants) + index + 1
-            _progress(f"[{number}/{total}] {variant.name}, repeat "
-                      f"{repeat + 1}/{repeats}")
+        for index, (variant, config) in enumerate(schedule):
+            number = repeat * len(schedule) + index + 1
+            _progress(f"[{number}/{total}] {_label(variant, config)}, "
+                      f"repeat {repeat + 1}/{repeats}")
+            began = time.perf_counter()
             result = run_once(variant, config, repeat, scratch)
+            reference = references.get(result["every"])
             if variant.name == REFERENCE and reference is None and (
                     result["status"] == "ok"):
-                reference = result
+                references[result["every"]] = result
                 result["verified"] = True  # The reference itself.
             else:
                 verify(result, reference, config, scratch)
                 shutil.rmtree(result["directory"], ignore_errors=True)
-            _progress(f"    {result['status']}"
-                      + (f", {result['steps_per_s']:.1f} steps/s"
-                         if result["steps_per_s"] else "")
-                      + (f", verified {result['verified']}"
-                         if result["verified"] is not None else ""))
+            _report_run(result, time.perf_counter() - began)
             runs.append(result)
     for result in runs:
         result.pop("directory", None)
     return runs
+
+
+def _report_run(result: dict, seconds: float) -> None:
+    _progress(f"    {result['status']}"
+              + (f", {result['steps_per_s']:.1f} steps/s"
+                 if result["steps_per_s"] else "")
+              + (f", verified {result['verified']}"
+                 if result["verified"] is not None else "")
+              + (f", probe {result['probe_s'] * 1e3:.0f} ms"
+                 if result["probe_s"] else "")
+              + f", {seconds:.1f} s with verification")
 
 
 # The sweep.

@@ -178,6 +178,20 @@ def _asynccb(executor: str | None):
     return build
 
 
+def _checkpoint_alone(executor: str | None):
+    """ModelCheckpoint alone (full `.keras`): inline with `None`, else in
+    an `AsyncCallback` on `executor`; timed like the other variants but
+    without the memcpy floor, so that a run pays for the checkpoint only."""
+    def build(directory, config, x, model):
+        checkpoint = _keras_checkpoint(directory, config)
+        if executor is not None:
+            checkpoint = AsyncCallback(checkpoint, executor=executor)
+        timer = SaveTimer(checkpoint, config.save_every,
+                          after=config.steps_per_epoch)
+        return [timer], timer
+    return build
+
+
 def _orbax(directory, config, x, model):
     timer = SaveTimer(keras.callbacks.OrbaxCheckpoint(
         os.path.join(directory, "orbax"), save_freq=config.save_every,
@@ -200,12 +214,15 @@ class Variant:
             `fit` gets, and what timed the checkpointing hook (or `None`).
         requires: A module it needs; without it the row says so.
         note: What the row is.
+        saves: Whether it writes checkpoints (its runs are then tagged
+            with the save interval).
     """
 
     name: str
     build: Callable
     requires: str | None = None
     note: str = ""
+    saves: bool = True
 
     def missing(self) -> str | None:
         if self.requires and importlib.util.find_spec(self.requires) is None:
@@ -214,7 +231,7 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("no callbacks", _none, note="the limit"),
+    Variant("no callbacks", _none, note="the limit", saves=False),
     Variant("keras", _plain(_keras_checkpoint),
             note="the same callbacks in plain Keras"),
     Variant("asynccb defaults", _asynccb(None),
@@ -230,6 +247,18 @@ VARIANTS = [
         note="CheckpointOptions(enable_async=True)"),
     Variant("keras OrbaxCheckpoint", _orbax, requires="orbax",
             note="OrbaxCheckpoint(save_on_background=True)"),
+]
+
+
+# The single-callback view: ModelCheckpoint and nothing else.
+SINGLE_VARIANTS = [
+    Variant("no callbacks", _none, note="the limit", saves=False),
+    Variant("keras", _checkpoint_alone(None),
+            note="ModelCheckpoint inline"),
+] + [
+    Variant(f"asynccb {executor}", _checkpoint_alone(executor),
+            note=f"AsyncCallback(ModelCheckpoint, executor={executor!r})")
+    for executor in ("thread", "process", "async")
 ]
 
 
@@ -255,6 +284,14 @@ def written_checkpoints(directory: str, steps_per_epoch: int) -> dict[int, str]:
             if name.isdigit():
                 found[int(name)] = os.path.join(orbax, name)
     return found
+
+
+def keras_file_bytes(directory: str) -> int | None:
+    """The median size of the `.keras` checkpoints in `directory`."""
+    sizes = sorted(os.path.getsize(os.path.join(directory, name))
+                   for name in os.listdir(directory)
+                   if _KERAS_NAME.match(name))
+    return sizes[len(sizes) // 2] if sizes else None
 
 
 def checkpoint_arrays(path: str, width: int, scratch: str) -> list[np.ndarray]:

@@ -4,49 +4,175 @@ shape (its timings are not tested: they are the benchmark's business)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+PER_RUN = {"probe_s", "cpu_trainer_s", "cpu_workers_s",
+           "checkpoints_in_window", "slow", "slow_reason"}
+PER_VARIANT = {"name", "steps_per_s", "ratio_to_baseline", "paired_ratio",
+               "paired_ratio_min", "paired_ratio_max", "repeats_used",
+               "slow_runs", "cpu_trainer_s", "cpu_workers_s",
+               "cpu_per_checkpoint_s", "cpu_per_checkpoint_over_raw_write",
+               "stall_p50_s", "stall_p99_s", "memcpy_floor_s",
+               "peak_rss_bytes", "verified"}
 
 
-@pytest.mark.foreign_threads
-def test_tiny_run_of_every_variant(tmp_path, capsys):
+def run_benchmark(arguments: list[str]) -> dict:
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import heavy_checkpointing
-        from variants import VARIANTS
 
-        document = heavy_checkpointing.main(
-            ["--tiny", "--sweep", "--output", str(tmp_path)])
+        return heavy_checkpointing.main(arguments)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+
+
+def saved_document(directory: Path) -> dict:
+    return json.loads(next(directory.glob("*.json")).read_text())
+
+
+def check_accounting(document: dict) -> None:
+    """Every run probed and CPU-counted; slow-run counts are ints; the
+    baseline's paired ratio is exactly 1."""
+    for run in document["runs"]:
+        assert PER_RUN <= set(run), run["name"]
+        if run["status"] == "ok":
+            assert run["probe_s"] > 0
+            assert run["cpu_trainer_s"] > 0 and run["cpu_workers_s"] >= 0
+    for variant in document["variants"]:
+        assert PER_VARIANT <= set(variant), variant["name"]
+        assert type(variant["slow_runs"]) is int
+        if variant["status"] == "ok":
+            assert variant["cpu_trainer_s"] > 0
+            assert variant["repeats_used"] == document["config"]["repeats"]
+    none = [v for v in document["variants"] if v["name"] == "no callbacks"]
+    assert none[0]["paired_ratio"] == 1.0
+    assert none[0]["cpu_per_checkpoint_s"] is None
+    raw = document["raw_write"]
+    assert raw["bytes"] > 0 and raw["cpu_s"] > 0 and raw["wall_s"] > 0
+
+
+@pytest.mark.foreign_threads
+def test_tiny_run_of_every_variant_and_the_sweep(tmp_path, capsys):
+    document = run_benchmark(["--tiny", "--sweep", "--output", str(tmp_path)])
+    from variants import VARIANTS
+
+    saved = saved_document(tmp_path)
     assert saved["config"]["tf_threads"] == 1
+    assert saved["config"]["tf_intra_threads"] == 1
+    assert saved["config"]["tf_inter_threads"] == 1
+    assert saved["config"]["pinned"] is False
     names = [v["name"] for v in saved["variants"]]
     assert names == [v.name for v in VARIANTS]
-    fields = {"name", "steps_per_s", "ratio_to_baseline", "stall_p50_s",
-              "stall_p99_s", "memcpy_floor_s", "peak_rss_bytes", "verified"}
+    check_accounting(saved)
     by_name = {v["name"]: v for v in saved["variants"]}
-    for variant in saved["variants"]:
-        assert fields <= set(variant)
     for name in ("asynccb defaults", "asynccb thread", "asynccb process",
                  "asynccb async", "keras", "tf.train.Checkpoint"):
         assert by_name[name]["status"] == "ok", by_name[name]
         assert by_name[name]["steps_per_s"] > 0
+        assert by_name[name]["paired_ratio"] > 0
         assert by_name[name]["verified"] is True, name
+        # Saves at steps 2, 4 (warm-up epoch) and 6, 8 (measured).
+        assert by_name[name]["checkpoints_in_window"] == 2, name
+    # A .keras file's size is what the raw write writes.
+    keras_runs = [r for r in saved["runs"] if r["name"] == "keras"]
+    assert saved["raw_write"]["bytes"] == keras_runs[0]["checkpoint_bytes"]
     assert by_name["no callbacks"]["ratio_to_baseline"] == 1.0
     assert by_name["no callbacks"]["verified"] is None
     # TensorFlow's async checkpointing fails on Keras 3: a row says so.
     assert by_name["tf.train.Checkpoint async"]["status"] != "ok"
+    assert by_name["tf.train.Checkpoint async"]["paired_ratio"] is None
     assert [row["callbacks"] for row in saved["sweep"]["callbacks"]] == [
         1, 2, 4, 8]
     assert all(row["snapshots_per_step"] == 1.0
                for row in saved["sweep"]["callbacks"])
     assert len(saved["sweep"]["sizes"]) == 2
     out = capsys.readouterr().out
-    assert "| variant | steps/s (min-max) |" in out
+    assert ("| variant | steps/s (min-max) | vs none (min-max) | n | slow | "
+            "CPU s trainer/workers | CPU/ckpt ms | x raw write |") in out
     assert "| asynccb process |" in out
+    assert "| no callbacks | " in out and "| 1.00 (1.00-1.00) | 1 |" in out
+    assert "TF threads 1 intra-op / 1 inter-op, not pinned" in out
+    assert "Raw write of" in out
     assert document["variants"] == saved["variants"]
+
+
+@pytest.mark.foreign_threads
+def test_tiny_single_callback_view(tmp_path, capsys):
+    run_benchmark(["--tiny", "--single", "--output", str(tmp_path)])
+    saved = saved_document(tmp_path)
+    assert saved["config"]["mode"] == "single"
+    intervals = saved["config"]["single_every"]
+    assert intervals == [2, 4]
+    check_accounting(saved)
+    callbacks = ["keras", "asynccb thread", "asynccb process",
+                 "asynccb async"]
+    rows = [(v["every"], v["name"]) for v in saved["variants"]]
+    assert rows == [(None, "no callbacks")] + [
+        (every, name) for every in intervals for name in callbacks]
+    # One no-callback run per repeat, shared by the intervals.
+    assert sum(r["name"] == "no callbacks" for r in saved["runs"]) == 1
+    for variant in saved["variants"][1:]:
+        assert variant["status"] == "ok", variant
+        assert variant["verified"] is True, variant
+        assert variant["paired_ratio"] > 0
+        assert variant["cpu_per_checkpoint_s"] is not None
+        # 8 steps, the first 4 warm-up: saves at 6 and 8, or at 8.
+        assert variant["checkpoints_in_window"] == 8 // variant["every"] - (
+            4 // variant["every"])
+    out = capsys.readouterr().out
+    assert "| every | variant | steps/s (min-max) |" in out
+    assert "| 4 | asynccb async |" in out
+    assert "ModelCheckpoint alone" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity")
+                    or len(os.sched_getaffinity(0)) < 2,
+                    reason="--pin needs 2 allowed CPUs")
+def test_tiny_pinned_run(tmp_path):
+    # Its own process: pinning is for the whole process, before
+    # TensorFlow starts, which this test session has done long ago.
+    variants = "no callbacks,keras,asynccb thread,asynccb process"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
+         "--tiny", "--pin", "--variants", variants,
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = saved_document(tmp_path)
+    allowed = sorted(os.sched_getaffinity(0))
+    config = saved["config"]
+    assert config["pinned"] is True
+    assert config["trainer_cpus"] == allowed[:1]
+    assert config["worker_cpus"] == allowed[1:]
+    assert "pinned: training on CPU" in completed.stdout
+    check_accounting(saved)
+    by_name = {v["name"]: v for v in saved["variants"]}
+    for name in variants.split(",")[1:]:
+        assert by_name[name]["verified"] is True, by_name[name]
+    # The process executor's worker ran where it was put.
+    process = [r for r in saved["runs"] if r["name"] == "asynccb process"]
+    assert process[0]["worker_process_cpus"] == allowed[1:]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
+                    reason="pinning needs os.sched_setaffinity")
+def test_pin_needs_two_cpus(tmp_path):
+    # A process allowed one CPU: --pin says why it cannot, before any
+    # TensorFlow import.
+    code = ("import os, sys; os.sched_setaffinity(0, {min("
+            "os.sched_getaffinity(0))}); "
+            f"sys.argv = ['heavy_checkpointing.py', '--pin', '--output', "
+            f"{str(tmp_path)!r}]; "
+            f"sys.path.insert(0, {str(BENCHMARKS)!r}); "
+            "import heavy_checkpointing; heavy_checkpointing.main()")
+    completed = subprocess.run([sys.executable, "-c", code],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert "--pin needs at least 2 CPUs" in completed.stderr
+    assert not list(tmp_path.iterdir())
