@@ -4,8 +4,10 @@ TensorFlow."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -94,3 +96,27 @@ def test_configure_workers_rejects_bad_cpus(cpus):
 
     with pytest.raises(ValueError, match="Received: cpus="):
         configure_workers(cpus=cpus)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_configure_workers_takes_cpus_the_caller_is_not_pinned_to():
+    """The training thread pinned to one CPU gives the workers another."""
+    from asynccb import configure_workers
+
+    first, second, *_ = sorted(os.sched_getaffinity(0))
+    outcome = []
+
+    def pinned_caller():
+        os.sched_setaffinity(0, {first})
+        try:
+            configure_workers(cpus={second})
+            outcome.append("accepted")
+        except ValueError as exc:
+            outcome.append(str(exc))
+        finally:
+            configure_workers()
+
+    caller = threading.Thread(target=pinned_caller)
+    caller.start()
+    caller.join()
+    assert outcome == ["accepted"]

@@ -10,6 +10,7 @@ worker process is pinned before TensorFlow starts its threads.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterable
 
 __all__ = ["check_cpus", "pin_this_thread", "set_worker_cpus", "worker_cpus"]
@@ -18,11 +19,13 @@ _cpus: frozenset[int] | None = None
 
 
 def check_cpus(cpus: Iterable[int] | None) -> frozenset[int] | None:
-    """`cpus` as a set, checked against the CPUs this process may use.
+    """`cpus` as a set, checked by the OS: a thread started for the
+    purpose pins itself there (the calling thread may be pinned elsewhere
+    already: the training thread, to its own CPUs).
 
     Raises:
         ValueError: If it is empty, holds something other than CPU numbers,
-            or a CPU this process may not run on.
+            or CPUs the OS does not let this process run on.
         NotImplementedError: If the OS cannot pin (macOS, Windows).
     """
     if cpus is None:
@@ -34,15 +37,31 @@ def check_cpus(cpus: Iterable[int] | None) -> frozenset[int] | None:
         chosen = frozenset(cpus)
     except TypeError:
         chosen = frozenset()
-    allowed = os.sched_getaffinity(0)
     if not chosen or not all(
-        isinstance(cpu, int) and not isinstance(cpu, bool) for cpu in chosen
-    ) or not chosen <= allowed:
+        isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0
+        for cpu in chosen
+    ) or not _pinnable(chosen):
         raise ValueError(
             "`cpus` must be a non-empty set of CPU numbers this process may "
-            f"use ({', '.join(map(str, sorted(allowed)))}). "
+            f"run on (this machine has {os.cpu_count()}). "
             f"Received: cpus={cpus!r}")
     return chosen
+
+
+def _pinnable(cpus: frozenset[int]) -> bool:
+    accepted: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setaffinity(0, cpus)
+            accepted.append(True)
+        except (OSError, OverflowError):
+            accepted.append(False)
+
+    probe = threading.Thread(target=attempt, name="asynccb-cpus-check")
+    probe.start()
+    probe.join()
+    return accepted[0]
 
 
 def set_worker_cpus(cpus: frozenset[int] | None) -> None:
