@@ -39,8 +39,9 @@ def slow_reasons(runs: list[dict], baseline: str,
 
     A run is slow if its probe took more than `factor` times the median
     probe of the whole benchmark, or if the `baseline` run of its repeat
-    made fewer than 1/`factor` of the median baseline steps/s (a slow
-    stretch during that repeat, which the probe may have missed).
+    is `factor` times away from the median baseline steps/s either way (a
+    slow stretch during that repeat, which the probe may have missed, or
+    a baseline run that was fast alone: its repeat's ratios are off too).
     """
     probes = [r["probe_s"] for r in runs if r.get("probe_s")]
     usual_probe = _median(probes)
@@ -57,6 +58,9 @@ def slow_reasons(runs: list[dict], baseline: str,
         if usual_speed and speed and usual_speed > factor * speed:
             why.append(f"its repeat's {baseline} run "
                        f"{usual_speed / speed:.2f}x slower than the median")
+        elif usual_speed and speed and speed > factor * usual_speed:
+            why.append(f"its repeat's {baseline} run "
+                       f"{speed / usual_speed:.2f}x faster than the median")
         reasons.append("; ".join(why) or None)
     return reasons
 
@@ -76,8 +80,9 @@ def slow_warning(slow: list[dict]) -> str | None:
     named = "; ".join(
         f"{r['name']}" + (f" every {r['every']}" if r.get("every") else "")
         + f" repeat {r['repeat'] + 1} ({r['slow_reason']})" for r in slow)
-    return (f"warning: {len(slow)} slow run(s) (machine >{SLOW_FACTOR}x "
-            f"slower than usual), left out of paired figures where "
+    return (f"warning: {len(slow)} slow run(s) (the machine, or its "
+            f"repeat's baseline, >{SLOW_FACTOR}x off its usual speed), "
+            f"left out of paired figures where "
             f"{MIN_CLEAN_REPEATS} clean repeats remain: {named}")
 
 

@@ -182,3 +182,19 @@ def test_report_loads_without_heavy_libraries():
             "assert not {'tensorflow', 'keras', 'numpy', 'matplotlib'} & "
             "set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_fast_baseline_makes_its_whole_repeat_an_outlier_too():
+    """A no-callback run far above its median (seen pinned: 61.7 steps/s
+    beside 31) would make every ratio of its repeat too low."""
+    runs = []
+    for repeat in range(5):
+        base = 200.0 if repeat == 1 else 100.0
+        runs += [run(BASE, repeat, base), run("keras", repeat, 80.0)]
+    reasons = report.slow_reasons(runs, BASE)
+    assert [bool(why) for why in reasons] == [
+        repeat == 1 for repeat in range(5) for _ in range(2)]
+    assert "no callbacks run 2.00x faster" in reasons[2]
+    keras = by_name(report.summarize(runs, BASE))[20, "keras"]
+    assert keras["repeats_used"] == 4
+    assert keras["paired_ratio"] == pytest.approx(0.8)
