@@ -220,14 +220,16 @@ class Shadow:
 
     Args:
         blueprint: What to build it from.
+        shared: Whether lanes share it (see `shared_shadow`).
 
     Attributes:
         blueprint: As given.
         lock: Held while a task uses a shadow that lanes share.
     """
 
-    def __init__(self, blueprint: ModelBlueprint):
+    def __init__(self, blueprint: ModelBlueprint, shared: bool = False):
         self.blueprint = blueprint
+        self.shared = shared
         self.model: Any = None
         self.lock = threading.Lock()
         self._signatures: dict[int, tuple] = {}
@@ -241,8 +243,9 @@ class Shadow:
 
     def apply(self, snapshot: Snapshot | SnapshotRef) -> Any:
         """Copies `snapshot` (in a worker process, a `SnapshotRef`) into
-        the shadow's variables, unless they hold it already (it was
-        applied for another lane sharing the shadow).
+        the shadow's variables, unless the shadow is shared and holds it
+        already (it was applied for another lane; no code changes a shared
+        shadow between tasks, while a callback may change its own).
 
         Returns:
             The shadow model holding the snapshot.
@@ -251,7 +254,7 @@ class Shadow:
             ValueError: If the rebuilt model's variables do not match.
         """
         model = self.get()
-        if snapshot.serial == self._holding:
+        if self.shared and snapshot.serial == self._holding:
             return model
         variables = self._matching_variables(model, snapshot.layout)
         if variables is None:
@@ -295,5 +298,5 @@ def shared_shadow(blueprint: ModelBlueprint) -> Shadow:
     with _shared_lock:
         shadow = _shared.get(blueprint.key)
         if shadow is None:
-            shadow = _shared[blueprint.key] = Shadow(blueprint)
+            shadow = _shared[blueprint.key] = Shadow(blueprint, shared=True)
         return shadow

@@ -95,7 +95,13 @@ class TaskRunner:
         self.shadow: Shadow | None = None
         self._published: Any = None  # The shadow the callback was given.
 
-    def _use_blueprint(self, blueprint: ModelBlueprint) -> None:
+    def _select_shadow(self, task: Task) -> None:
+        """Points `shadow` at the one for the task's blueprint."""
+        blueprint: ModelBlueprint | None = task.model
+        if blueprint is None:
+            if task.kind in _SETUP:
+                self.shadow = None  # A callback that never uses its model.
+            return
         if self.shadow is not None and self.shadow.blueprint.key == (
             blueprint.key
         ):
@@ -121,10 +127,10 @@ class TaskRunner:
             The control state (stop flag, learning rate) before the task,
             to compare with after it.
         """
-        if task.model is not None:
-            self._use_blueprint(task.model)
-        elif task.kind in _SETUP:
-            self.shadow = None  # A callback that never uses its model.
+        self._select_shadow(task)
+        return self._prepare(task)
+
+    def _prepare(self, task: Task) -> Any:
         if self.shadow is None:
             return None
         if task.kind in _SETUP:
@@ -210,11 +216,10 @@ class TaskRunner:
         copy its snapshot in while this one saves. (Only lanes that save
         share one, and their tasks all come here, never as coroutines.)
         """
-        if task.model is not None:
-            self._use_blueprint(task.model)
+        self._select_shadow(task)
         shadow = self.shadow
         with shadow.lock if shadow is not None else contextlib.nullcontext():
-            before = self.prepare(task)
+            before = self._prepare(task)
             self.invoke(task)
             return self.effects(task, before)
 

@@ -161,8 +161,6 @@ def pin_cpus() -> dict:
     trainer, workers = allowed[:1], allowed[1:]
     import asynccb  # Lazy: does not load TensorFlow.
 
-    # Before narrowing this thread: configure_workers checks the CPUs
-    # against the calling thread's own.
     asynccb.configure_workers(cpus=set(workers))
     os.sched_setaffinity(0, set(trainer))
     return {"pinned": True, "trainer_cpus": trainer, "worker_cpus": workers}

@@ -378,7 +378,6 @@ def test_idle_worker_stops_after_the_timeout():
     import asynccb
 
     asynccb.shutdown()
-    asynccb.configure_workers(idle_timeout=0.2)
     try:
         x, y = mnist_like(64)
         callback = RecordsItsShadow()
@@ -388,6 +387,9 @@ def test_idle_worker_stops_after_the_timeout():
                                                        state="none")])
         [(pid, _)] = worker_processes()
         assert callback.seen[0][0] == pid
+        # Idle now, counting down the default 10 minutes: a new timeout
+        # restarts the countdown.
+        asynccb.configure_workers(idle_timeout=0.2)
         assert wait_for_exit(pid, JOIN_TIMEOUT_S), "the idle worker stayed"
         assert worker_processes() == []
     finally:
@@ -395,15 +397,15 @@ def test_idle_worker_stops_after_the_timeout():
 
 
 def test_processes_spread_callbacks_over_workers():
-    """`configure_workers(processes=2)`: two callbacks, two workers; each
-    goes back to its own at the next `fit` (its shadow is there); lowering
-    the count stops the idle surplus at once."""
+    """`configure_workers(processes=2)` after a `fit` on one worker: the
+    next `fit` spreads the two callbacks over two workers, and each goes
+    back to its own at the one after (its shadow is there); lowering the
+    count stops the idle surplus at once."""
     from conftest import worker_processes
 
     import asynccb
 
     asynccb.shutdown()
-    asynccb.configure_workers(processes=2)
     try:
         first, second = RecordsItsShadow(), RecordsItsShadow()
         callbacks = [
@@ -411,12 +413,16 @@ def test_processes_spread_callbacks_over_workers():
             AsyncCallback(second, executor="process", state="weights")]
         model = _model(Doubler())
         x, y = mnist_like(64)
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0,
+                  callbacks=callbacks)
+        assert first.seen[0][0] == second.seen[0][0]  # One worker.
+        asynccb.configure_workers(processes=2)
         for _ in range(2):
             model.fit(x, y, epochs=1, batch_size=32, verbose=0,
                       callbacks=callbacks)
-        assert first.seen[0] == first.seen[1]  # Same worker, same shadow.
-        assert second.seen[0] == second.seen[1]
-        pids = {first.seen[0][0], second.seen[0][0]}
+        assert first.seen[1] == first.seen[2]  # Same worker, same shadow.
+        assert second.seen[1] == second.seen[2]
+        pids = {first.seen[1][0], second.seen[1][0]}
         assert len(pids) == 2 and os.getpid() not in pids
         assert {pid for pid, _ in worker_processes()} == pids
         asynccb.configure_workers(processes=1)

@@ -237,7 +237,10 @@ def test_checkpoints_of_one_model_share_a_shadow(tmp_path, executor):
     assert len(list(tmp_path.glob("s*.weights.h5"))) == 2  # Steps 3 and 6.
 
 
-def test_a_shadow_copies_a_snapshot_it_holds_only_once():
+def test_a_shared_shadow_copies_a_snapshot_it_holds_only_once():
+    """Shared (saving lanes, no user code holds it): a snapshot applied
+    for one lane is not copied again for the next. Private (a callback's
+    own, which it may have changed since): always copied."""
     from asynccb._shadow import ModelBlueprint, Shadow
     from asynccb._snapshot import (
         Snapshot,
@@ -252,7 +255,8 @@ def test_a_shadow_copies_a_snapshot_it_holds_only_once():
                          state_variables(model, StateLevel.WEIGHTS))
     buffer = allocate_private(layout.nbytes)
     layout.capture(buffer)
-    shadow = Shadow(ModelBlueprint.of(model))
+    blueprint = ModelBlueprint.of(model)
+    shadow = Shadow(blueprint, shared=True)
 
     def snapshot():
         return Snapshot(StateLevel.WEIGHTS, layout.spec, buffer, None, False)
@@ -264,4 +268,10 @@ def test_a_shadow_copies_a_snapshot_it_holds_only_once():
     shadow.apply(first)  # Held already: not copied again.
     assert not kernel.numpy().any()
     shadow.apply(snapshot())  # A new snapshot (same bytes) is copied.
+    np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())
+
+    own = Shadow(blueprint)
+    kernel = own.apply(first).weights[0]
+    kernel.assign(np.zeros(kernel.shape, np.float32))  # Its callback's.
+    own.apply(first)
     np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())

@@ -92,8 +92,9 @@ def configure_workers(
             and, on Linux, its worker threads (each executor's threads,
             the snapshot prefill); `None` leaves them where the OS puts
             them. On a host whose training thread and input pipeline own
-            some cores, give the workers the others. Workers already
-            started keep their CPUs until they are idle, then restart.
+            some cores, give the workers the others. Idle workers on other
+            CPUs stop at once, busy ones at the end of their run; the next
+            run starts new ones where asked.
 
     Raises:
         ValueError: If an argument is out of range, or a CPU is not one
@@ -121,6 +122,5 @@ def configure_workers(
         raise ValueError("`idle_timeout` must be a positive number of "
                          "seconds, or None. "
                          f"Received: idle_timeout={idle_timeout!r}")
-    chosen = placement.check_cpus(cpus)
-    placement.set_worker_cpus(chosen)
-    pool.configure(processes, idle_timeout, chosen)
+    placement.set_worker_cpus(placement.check_cpus(cpus))
+    pool.configure(processes, idle_timeout)

@@ -9,11 +9,14 @@ worker process is pinned before TensorFlow starts its threads.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Iterable
 
 __all__ = ["check_cpus", "pin_this_thread", "set_worker_cpus", "worker_cpus"]
+
+logger = logging.getLogger("asynccb")
 
 _cpus: frozenset[int] | None = None
 
@@ -76,6 +79,18 @@ def worker_cpus() -> frozenset[int] | None:
 
 
 def pin_this_thread() -> None:
-    """Keeps the calling thread (on Linux: only it) to the worker CPUs."""
-    if _cpus is not None:
-        os.sched_setaffinity(0, _cpus)
+    """Keeps the calling thread (on Linux: only it) to the worker CPUs.
+
+    A failure (the CPUs were taken from the process since they were
+    checked) is logged, and the thread runs where it is: placement is a
+    preference, and a worker thread that died here would hang its lane.
+    """
+    cpus = _cpus
+    if cpus is None:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        logger.warning("asynccb: cannot keep %s to CPUs %s (%s); it runs "
+                       "where the OS puts it.",
+                       threading.current_thread().name, sorted(cpus), exc)

@@ -1,4 +1,4 @@
-"""The `process` executor: callbacks in the warm worker process.
+"""The `process` executor: callbacks in the warm worker processes.
 
 A forwarding thread per lane, in the training process, takes the lane's
 tasks in order, runs each in the worker (`ProcessRunner`) and, between
@@ -80,7 +80,7 @@ class ProcessExecutor(ThreadExecutor):
 
     @classmethod
     def shutdown(cls) -> None:
-        pool.shutdown()  # The warm worker process.
+        pool.shutdown()  # The warm worker processes.
 
     @staticmethod
     def serve(lane: Lane) -> None:

@@ -34,10 +34,10 @@ from typing import Any
 
 from asynccb._errors import WorkerDiedError
 from asynccb._executors import IDLE_TIMEOUT_S
+from asynccb._executors.placement import worker_cpus
 from asynccb._executors.process import messages
 
-__all__ = ["WorkerProcess", "acquire", "configure", "pids",
-           "release", "shutdown"]
+__all__ = ["WorkerProcess", "acquire", "configure", "release", "shutdown"]
 
 WORKER_MODULE = "asynccb._executors.process.worker"
 
@@ -247,11 +247,11 @@ class _Pool:
         self._idle: threading.Timer | None = None
         self.processes = 1
         self.idle_timeout: float | None = IDLE_TIMEOUT_S
-        self.cpus: frozenset[int] | None = None
 
     def acquire(self, previous: WorkerProcess | None = None) -> WorkerProcess:
         """A warm worker (started now if needed) attached for a run:
-        `previous`, the lane's last one, if it is still in service."""
+        `previous`, the lane's last one, while it is in service and no
+        busier than the others."""
         with self._lock:
             self._cancel_idle()
             for dead in [w for w in self._workers if not w.alive]:
@@ -259,15 +259,19 @@ class _Pool:
                 if not dead.users:  # Else its last lane's release stops it.
                     dead.stop()
             serving = self._serving()
-            if previous in serving:
-                worker = previous
-            elif len(serving) < self.processes and all(
+            if len(serving) < self.processes and all(
                 w.users for w in serving
             ):
-                worker = WorkerProcess(self.cpus)
+                # Started under the lock: lanes starting together wait for
+                # one TensorFlow import at a time, which on a machine that
+                # trains is no slower than two at once.
+                worker = WorkerProcess(worker_cpus())
                 self._workers.append(worker)
             else:
-                worker = min(serving, key=lambda w: w.users)
+                least = min(w.users for w in serving)
+                worker = previous if (
+                    previous in serving and previous.users == least
+                ) else min(serving, key=lambda w: w.users)
             worker.users += 1
             return worker
 
@@ -277,50 +281,53 @@ class _Pool:
             worker.users -= 1
             if worker.users:
                 return
-            if worker not in self._serving():
-                # Dead, beyond a lowered `processes` or on other CPUs: its
-                # last lane is done with it.
-                if worker in self._workers:
-                    self._workers.remove(worker)
-                worker.stop()
-            if any(w.users for w in self._workers):
-                return
-            if self.idle_timeout is None or not self._workers:
-                return
-            idle = threading.Timer(self.idle_timeout, self._expire)
-            idle.args = (idle,)
-            idle.name = "asynccb-pool-idle"
-            idle.daemon = True
-            self._idle = idle
-            idle.start()
+            # Dead, beyond a lowered `processes` or on other CPUs: its last
+            # lane is done with it.
+            retired = worker not in self._serving()
+            if retired and worker in self._workers:
+                self._workers.remove(worker)
+            if not any(w.users for w in self._workers):
+                self._arm_idle()
+        if retired:
+            worker.stop()  # Outside the lock: it may wait for the exit.
 
     def _serving(self) -> list[WorkerProcess]:
         """The workers new lanes may go to: alive, on the CPUs asked for,
         at most `processes`."""
+        cpus = worker_cpus()
         return [w for w in self._workers
-                if w.alive and w.cpus == self.cpus][:self.processes]
+                if w.alive and w.cpus == cpus][:self.processes]
 
-    def configure(self, processes: int, idle_timeout: float | None,
-                  cpus: frozenset[int] | None) -> None:
-        """Sets how many workers serve the lanes of later runs, on which
-        CPUs, and how long they stay warm without a run (`None`: until
-        shutdown); stops now the idle workers no longer wanted."""
+    def configure(self, processes: int, idle_timeout: float | None) -> None:
+        """Sets how many workers serve the lanes of later runs and how long
+        they stay warm without a run (`None`: until shutdown), and follows
+        `placement`'s CPUs: stops now the idle workers no longer wanted,
+        and restarts the idle countdown with the new timeout."""
         with self._lock:
             self.processes = processes
             self.idle_timeout = idle_timeout
-            self.cpus = cpus
             serving = self._serving()
             surplus = [w for w in self._workers
                        if w not in serving and not w.users]
             for worker in surplus:
                 self._workers.remove(worker)
+            self._cancel_idle()
+            if not any(w.users for w in self._workers):
+                self._arm_idle()
         for worker in surplus:
             worker.stop()
 
-    def pids(self) -> list[int]:
-        """The process ids of the workers in service."""
-        with self._lock:
-            return [w.pid for w in self._workers if w.alive]
+    def _arm_idle(self) -> None:
+        """Starts the idle countdown (under the lock, with no lane
+        attached), unless there is nothing to stop or no timeout."""
+        if self.idle_timeout is None or not self._workers:
+            return
+        idle = threading.Timer(self.idle_timeout, self._expire)
+        idle.args = (idle,)
+        idle.name = "asynccb-pool-idle"
+        idle.daemon = True
+        self._idle = idle
+        idle.start()
 
     def _cancel_idle(self) -> None:
         # Not joined: a timer that already fired waits for the lock held
@@ -354,4 +361,3 @@ acquire = _pool.acquire
 release = _pool.release
 shutdown = _pool.shutdown
 configure = _pool.configure
-pids = _pool.pids

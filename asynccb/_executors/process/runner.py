@@ -88,14 +88,14 @@ def pickle_callback(callback: Any) -> bytes:
 
 
 class ProcessRunner:
-    """The training side of one lane in the warm worker process.
+    """The training side of one lane in a warm worker process.
 
     Used by the lane like an in-process `TaskRunner`: `run(task)` returns
-    the task's control effects or raises the worker's exception. The
-    worker (see `pool.py`) is shared by every process-offloaded callback
-    and outlives the run; the lane in it, with its shadow model, lives as
-    long as this runner: a later run of an unchanged model rebuilds
-    nothing.
+    the task's control effects or raises the worker's exception. Workers
+    (see `pool.py`) are shared by every process-offloaded callback and
+    outlive the run; the lane in its worker, with its shadow model, lives
+    as long as this runner and that worker's service: a later run of an
+    unchanged model on the same worker rebuilds nothing.
 
     Args:
         callback: The wrapped callback, or `None` for a lane that only

@@ -1,4 +1,5 @@
-"""The main function of a worker process: one, warm, per training process.
+"""The main function of a warm worker process (one per training process,
+or as many as `configure_workers(processes=n)` asks).
 
 Started as `python -m asynccb._executors.process.worker <socket fd>
 <lifeline fd> [<cpus>]` with an environment that hides accelerators and limits
