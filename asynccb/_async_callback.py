@@ -76,6 +76,12 @@ class AsyncCallback(keras.callbacks.Callback):
             plain Keras, by however far the worker lags.
         max_snapshots: The most snapshot buffers alive at once (memory
             bound: each holds one copy of the state the callback needs).
+        fast_saves: Let model saves after the run's first one (`.keras`
+            and `.weights.h5`) be written straight from the snapshot, in the
+            file layout learned from Keras' own first save: the same file
+            for about the cost of one copy of its bytes. `False` sends
+            every save through Keras' writer. `stats()` counts each save's
+            path and why Keras' was needed.
 
     Example:
 
@@ -100,12 +106,14 @@ class AsyncCallback(keras.callbacks.Callback):
         state: StateSpec | None = None,
         deferred_control: bool = False,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
+        fast_saves: bool = True,
     ):
         options = Options(
             executor=executor,
             max_pending=max_pending,
             on_full=on_full,
             max_snapshots=max_snapshots,
+            fast_saves=fast_saves,
         )
         self._setup(callback, options, state, deferred_control)
 
@@ -166,6 +174,7 @@ class AsyncCallback(keras.callbacks.Callback):
             on_full=options.on_full,
             state=state,
             deferred_control=deferred_control,
+            fast_saves=options.fast_saves,
         )
         if not self._lane.saves_only:
             kind.check(callback)  # Fails now if it cannot run there.

@@ -99,6 +99,8 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         on_full: Full-queue policy for auto-offloaded callbacks.
         max_snapshots: The most snapshot buffers alive at once, shared by
             all offloaded callbacks of the list.
+        fast_saves: Whether the saves of the callbacks it offloads may be
+            written straight from snapshots (see `AsyncCallback`).
         **params: Parameters passed to each callback via `set_params`.
 
     Example:
@@ -128,6 +130,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         max_pending: int = DEFAULT_MAX_PENDING,
         on_full: str = "block",
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
+        fast_saves: bool = True,
         **params: Any,
     ):
         check_choice("offload", offload, ("auto", "explicit"))
@@ -137,6 +140,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             max_pending=max_pending,
             on_full=on_full,
             max_snapshots=max_snapshots,
+            fast_saves=fast_saves,
         )
         self._dispatcher = Dispatcher(self._options.max_snapshots)
         self._sync_times: dict[int, tuple[Any, SampleMap]] = {}

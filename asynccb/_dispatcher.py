@@ -317,7 +317,7 @@ class Dispatcher:
             # snapshot, whose buffer must be one a worker process can map.
             self.start()
         task = Task(kind, name, args, copy_logs(logs), kwargs or {},
-                    model=blueprint)
+                    model=blueprint, fast=lane.fast_saves)
         snapshot_s = 0.0
         if with_snapshot:
             task.snapshot, snapshot_s, waited = self.snapshotter.take(

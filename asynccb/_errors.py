@@ -145,3 +145,10 @@ def _signal_name(exitcode: int | None) -> str | None:
 
 for _public in (AsyncCallbackError, WorkerDiedError, ControlFromWorkerError):
     _public.__module__ = "asynccb"
+
+
+class CannotCopySave(Exception):
+    """Raised inside asynccb (never to users) when a save cannot take the
+    copying path: the model's file holds something asynccb cannot prove it
+    writes as Keras does. The message is the reason `stats()` reports; the
+    save goes through Keras' own writer instead."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -46,6 +47,7 @@ class Lane:
         state: The declared state needs, or `None` to infer them.
         deferred_control: Whether control effects made in the worker are
             applied to the live model later, instead of being an error.
+        fast_saves: Whether its saves may take the fast path.
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class Lane:
         on_full: str,
         state: StateSpec | None,
         deferred_control: bool,
+        fast_saves: bool = True,
     ):
         self.callback = callback
+        self.fast_saves = fast_saves
         self.name = type(callback).__name__
         self.kind = executor
         self.executor = executor.name
@@ -102,6 +106,8 @@ class Lane:
         self.enqueue_time = Samples()
         self.blocked_time = Samples()
         self.dispatch_time = Samples()
+        self.save_paths: collections.Counter[str] = collections.Counter()
+        self._save_paths_lock = threading.Lock()
 
     # Training-thread side.
 
@@ -166,7 +172,12 @@ class Lane:
             enqueue=self.enqueue_time.timing(),
             blocked=self.blocked_time.timing(),
             dispatch=self.dispatch_time.timing(),
+            save_paths=self._save_paths_copy(),
         )
+
+    def _save_paths_copy(self) -> dict[str, int]:
+        with self._save_paths_lock:
+            return dict(self.save_paths)
 
     # Worker side.
 
@@ -182,6 +193,10 @@ class Lane:
 
     def _finish(self, task: Task, start: float, effects: dict) -> None:
         self.worker_time.add(task.name, time.perf_counter() - start)
+        save_path = effects.pop("save_path", None)
+        if save_path is not None:
+            with self._save_paths_lock:
+                self.save_paths[save_path] += 1
         if effects:
             self.effects.append(effects)
         self.completed += 1

@@ -16,6 +16,7 @@ __all__ = [
     "check_callback",
     "check_choice",
     "check_positive_int",
+    "check_bool",
 ]
 
 DEFAULT_MAX_PENDING = 16
@@ -41,6 +42,14 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
         )
     return value
 
@@ -79,6 +88,9 @@ class Options:
         on_full: The full-queue policy: `"block"`, `"drop_oldest"` or
             `"latest"`.
         max_snapshots: The most snapshot buffers alive at once.
+        fast_saves: Whether checkpoint saves after a run's first may be
+            written straight from the snapshot into the file layout learned
+            from Keras' first save (see `asynccb._fast_saves`).
 
     Raises:
         ValueError: If a value is not one of its choices, or not a positive
@@ -89,6 +101,7 @@ class Options:
     max_pending: int = DEFAULT_MAX_PENDING
     on_full: str = "block"
     max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
+    fast_saves: bool = True
 
     def __post_init__(self) -> None:
         if self.executor is not None:
@@ -96,3 +109,4 @@ class Options:
         check_positive_int("max_pending", self.max_pending)
         check_choice("on_full", self.on_full, POLICIES)
         check_positive_int("max_snapshots", self.max_snapshots)
+        check_bool("fast_saves", self.fast_saves)

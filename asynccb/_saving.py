@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 __all__ = [
     "atomic_path",
     "save_atomically",
+    "save_target",
     "remove_in_progress",
     "remove_temporaries",
     "OffloadedSavesModel",
@@ -106,19 +107,12 @@ def atomic_path(path: str) -> Iterator[str]:
     _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
 
 
-def save_atomically(model: Any, method: str, args: tuple, kwargs: dict) -> None:
-    """Calls `model.<method>(filepath, ...)` so the file appears atomically.
+def save_target(filepath: Any, overwrite: bool) -> str:
+    """The path a save writes, with its directory made.
 
-    Args:
-        model: The (shadow) model to save.
-        method: `"save"` or `"save_weights"`.
-        args: The positional arguments of the original call; the first is
-            the file path.
-        kwargs: Its keyword arguments.
+    Raises:
+        FileExistsError: If the file exists and `overwrite` is false.
     """
-    filepath, *rest = args
-    kwargs = dict(kwargs)
-    overwrite = kwargs.pop("overwrite", True)
     filepath = os.fspath(filepath)
     if not overwrite and os.path.exists(filepath):
         raise FileExistsError(
@@ -127,8 +121,29 @@ def save_atomically(model: Any, method: str, args: tuple, kwargs: dict) -> None:
     directory = os.path.dirname(filepath)
     if directory and "://" not in filepath:
         os.makedirs(directory, exist_ok=True)
+    return filepath
+
+
+def save_atomically(model: Any, method: str, args: tuple, kwargs: dict,
+                    then: Callable[[str], None] | None = None) -> None:
+    """Calls `model.<method>(filepath, ...)` so the file appears atomically.
+
+    Args:
+        model: The (shadow) model to save.
+        method: `"save"` or `"save_weights"`.
+        args: The positional arguments of the original call; the first is
+            the file path.
+        kwargs: Its keyword arguments.
+        then: Called with the temporary path once Keras wrote it, before it
+            takes the file's name (to learn the file's layout).
+    """
+    filepath, *rest = args
+    kwargs = dict(kwargs)
+    filepath = save_target(filepath, kwargs.pop("overwrite", True))
     with atomic_path(filepath) as tmp:
         getattr(model, method)(tmp, *rest, overwrite=True, **kwargs)
+        if then is not None:
+            then(tmp)
 
 
 class OffloadedSavesModel:

@@ -101,6 +101,9 @@ class CallbackStats:
         enqueue: Training-thread time copying logs and queueing.
         blocked: Training-thread time waiting on a full queue or pool.
         dispatch: Training-thread time per dispatched hook, all included.
+        save_paths: How many of its saves took each path: `"fast"` (copied
+            into the file's learned layout) or `"keras: <why>"` (Keras'
+            own writer, and the reason).
     """
 
     name: str
@@ -115,6 +118,7 @@ class CallbackStats:
     enqueue: Timing
     blocked: Timing
     dispatch: Timing
+    save_paths: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

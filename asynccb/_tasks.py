@@ -11,7 +11,7 @@ import numpy as np
 
 from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
-from asynccb._saving import save_atomically
+from asynccb._fast_saves import save
 from asynccb._shadow import ModelBlueprint, Shadow, shared_shadow
 from asynccb._snapshot import Snapshot
 
@@ -40,6 +40,8 @@ class Task:
             process, a `SnapshotRef` to it).
         model: The `ModelBlueprint` the shadow is built from, on tasks that
             need a shadow (`None` for a callback that never uses its model).
+        fast: For a save, whether it may take the fast path (see
+            `asynccb._fast_saves`).
     """
 
     kind: str
@@ -49,6 +51,7 @@ class Task:
     kwargs: dict = field(default_factory=dict)
     snapshot: Snapshot | SnapshotRef | None = None
     model: Any = None
+    fast: bool = True
 
     @property
     def droppable(self) -> bool:
@@ -139,6 +142,8 @@ class TaskRunner:
                 self.shadow.apply(task.snapshot)
             return None
         model = self.shadow.model
+        if task.kind == "save":
+            return None  # The save decides whether it needs the shadow.
         if task.snapshot is not None:
             model = self.shadow.apply(task.snapshot)
             if self._published is not None and model is not self._published:
@@ -154,7 +159,8 @@ class TaskRunner:
                 _learning_rate(model))
 
     def invoke(self, task: Task) -> Any:
-        """Runs the task's work; returns what the hook returned.
+        """Runs the task's work; returns what the hook returned, or for a
+        save the path it took (`asynccb._fast_saves.save`).
 
         For a coroutine hook this returns the coroutine, to be awaited.
         """
@@ -173,9 +179,7 @@ class TaskRunner:
             return None
         if task.kind == "save":
             assert self.shadow is not None, "a save always has a blueprint"
-            save_atomically(self.shadow.model, task.name, task.args,
-                            task.kwargs)
-            return None
+            return save(self.shadow, task)
         return call_hook(self.callback, task.name, task.args, task.logs)
 
     def effects(self, task: Task, before: Any) -> dict[str, Any]:
@@ -210,7 +214,8 @@ class TaskRunner:
         return effects
 
     def run(self, task: Task) -> dict[str, Any]:
-        """Prepares, invokes and checks a synchronous task.
+        """Prepares, invokes and checks a synchronous task; returns its
+        control effects, and for a save the path it took (`save_path`).
 
         A shared shadow is held for the whole task: another lane may not
         copy its snapshot in while this one saves. (Only lanes that save
@@ -220,8 +225,11 @@ class TaskRunner:
         shadow = self.shadow
         with shadow.lock if shadow is not None else contextlib.nullcontext():
             before = self._prepare(task)
-            self.invoke(task)
-            return self.effects(task, before)
+            result = self.invoke(task)
+            effects = self.effects(task, before)
+        if task.kind == "save":
+            effects["save_path"] = result  # Counted in the lane's stats.
+        return effects
 
     def close(self) -> None:
         """Drops the shadow model (end of run): its memory is released

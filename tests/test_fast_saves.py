@@ -1,0 +1,228 @@
+"""Guarantee 13: a save after a run's first one is the snapshot copied into
+the file layout Keras' writer used; the files are Keras' own, byte for byte
+(`.keras`: but for its zip timestamps and `date_saved`), and what cannot be
+proved so goes through Keras, with the reason counted."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from artifacts import assert_same_checkpoints, checkpoint_tensors
+from conftest import make_model, mnist_like
+
+from asynccb import AsyncCallback
+
+FAST = "fast"
+FIRST = "keras: first save of its layout (learning the file)"
+FIT = dict(batch_size=32, shuffle=False, verbose=0)
+
+
+def keras_entries(path: Path) -> list[tuple]:
+    """A `.keras` file's entries, with what differs between any two saves of
+    one state left out: `date_saved`, the zip's timestamps, and the marks
+    Keras' config puts on objects that layers share (their memory
+    addresses; a model Keras loads, or asynccb rebuilds, shares none, and
+    Keras' own files of it have none)."""
+    entries = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            content = archive.read(info)
+            if info.filename == "metadata.json":
+                metadata = json.loads(content)
+                metadata["date_saved"] = "#"
+                content = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                content = re.sub(rb', "shared_object_id": \d+', b"", content)
+            entries.append((info.filename, info.compress_type,
+                            info.flag_bits, info.external_attr, content))
+    return entries
+
+
+def assert_keras_files(expected: Path, actual: Path) -> list[str]:
+    """Every checkpoint in `actual` is the one in `expected`: byte for byte,
+    but for what differs between any two saves of a `.keras` file."""
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in actual.iterdir()) == names
+    for name in names:
+        if name.endswith(".keras"):
+            assert keras_entries(actual / name) == keras_entries(
+                expected / name), name
+        else:
+            assert (actual / name).read_bytes() == (
+                expected / name).read_bytes(), name
+    return names
+
+
+def checkpoints(directory: Path, every: int) -> list:
+    """A `.keras` and a `.weights.h5` ModelCheckpoint, every `every` steps."""
+    return [
+        keras.callbacks.ModelCheckpoint(
+            str(directory / "{epoch:02d}-{batch:03d}.keras"),
+            save_freq=every),
+        keras.callbacks.ModelCheckpoint(
+            str(directory / "{epoch:02d}-{batch:03d}.weights.h5"),
+            save_weights_only=True, save_freq=every),
+    ]
+
+
+def test_saves_after_the_first_are_keras_files_byte_for_byte(
+        tmp_path, executor):
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    wrapped = [AsyncCallback(c, executor=executor)
+               for c in checkpoints(ours, every=3)]
+    model = make_model("functional")
+    x, y = mnist_like(256)
+    # Plain Keras' checkpoints run first at each step, on the same state.
+    model.fit(x, y, epochs=2, **FIT,
+              callbacks=checkpoints(keras_dir, every=3) + wrapped)
+    names = assert_keras_files(keras_dir, ours)
+    assert len(names) == 2 * 5  # 16 steps, every 3.
+    for callback in wrapped:
+        assert callback.stats().save_paths == {FIRST: 1, FAST: 4}
+    if executor == "process":
+        assert_loads_in_a_fresh_interpreter(keras_dir, ours)
+
+
+LOADER = """
+import sys, numpy as np, keras
+sys.path.insert(0, {tests!r})
+from conftest import make_model, Scale
+for path in sys.argv[1:]:
+    if path.endswith(".keras"):
+        model = keras.saving.load_model(path, custom_objects={{"Scale": Scale}})
+    else:
+        model = make_model("functional", seed=7)
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
+    state = [np.asarray(v) for v in model.weights + model.optimizer.variables]
+    np.savez(path + ".npz", *state)
+"""
+
+
+def assert_loads_in_a_fresh_interpreter(expected: Path, actual: Path):
+    """Loads every file of `actual` with Keras in a new interpreter; each
+    tensor equals, bit for bit, the one Keras wrote in `expected`."""
+    files = sorted(str(p) for p in actual.iterdir())
+    loaded = subprocess.run(
+        [sys.executable, "-c",
+         LOADER.format(tests=str(Path(__file__).parent)), *files],
+        capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    for path in files:
+        name = Path(path).name
+        want = list(checkpoint_tensors(expected / name).values())
+        with np.load(path + ".npz") as state:
+            got = [state[f"arr_{i}"] for i in range(len(state.files))]
+        # The same tensors (the file's are by dataset name, the loaded
+        # model's in variable order): compare as sorted byte strings.
+        assert sorted(a.tobytes() for a in got) == sorted(
+            a.tobytes() for a in want), name
+
+
+class ChangesLearningRate(keras.callbacks.Callback):
+    """Halves the learning rate at the start of epoch 1 only."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            self.model.optimizer.learning_rate = (
+                float(self.model.optimizer.learning_rate) / 2)
+
+
+def test_a_changed_learning_rate_is_in_the_config_written(tmp_path):
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    checkpoint = AsyncCallback(
+        keras.callbacks.ModelCheckpoint(str(ours / "{epoch:02d}.keras")),
+        executor="thread")
+    model = make_model("sequential")
+    x, y = mnist_like(128)
+    model.fit(x, y, epochs=3, **FIT, callbacks=[
+        ChangesLearningRate(),
+        keras.callbacks.ModelCheckpoint(str(keras_dir / "{epoch:02d}.keras")),
+        checkpoint])
+    assert_keras_files(keras_dir, ours)
+    with zipfile.ZipFile(ours / "02.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    assert config["compile_config"]["optimizer"]["config"][
+        "learning_rate"] == pytest.approx(5e-4)
+    assert checkpoint.stats().save_paths == {
+        FIRST: 1,
+        "keras: the config changed (an optimizer hyperparameter such as the "
+        "learning rate); learning the file again": 1,
+        FAST: 1}
+
+
+class SavesItsOwnWay(keras.layers.Layer):
+    """A layer whose `save_own_variables` is its own code."""
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(shape=(input_shape[-1],),
+                                    initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.gain
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+
+
+def _with_layer(layer):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((784,)), layer,
+                              keras.layers.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    return model
+
+
+def _lora_dense():
+    layer = keras.layers.Dense(8, name="lora")
+    layer.build((None, 784))
+    layer.enable_lora(2)
+    return layer
+
+
+@pytest.mark.parametrize("case,make_model_,fast_saves,reason", [
+    ("own save code", lambda: _with_layer(SavesItsOwnWay()), True,
+     "keras: SavesItsOwnWay.save_own_variables is not Keras' own"),
+    ("LoRA kernel", lambda: _with_layer(_lora_dense()), True,
+     "keras: layers/dense/vars/0 (of 'lora') holds a value computed while "
+     "saving, not a copy of a variable"),
+    ("switched off", lambda: make_model("sequential"), False,
+     "keras: fast saves switched off (fast_saves=False)"),
+])
+def test_what_cannot_be_copied_is_saved_by_keras(
+        tmp_path, case, make_model_, fast_saves, reason):
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    checkpoint = AsyncCallback(
+        keras.callbacks.ModelCheckpoint(str(ours / "{epoch:02d}.keras")),
+        executor="thread", fast_saves=fast_saves)
+    x, y = mnist_like(64)
+    _with = make_model_()
+    _with.fit(x, y, epochs=3, **FIT, callbacks=[
+        keras.callbacks.ModelCheckpoint(str(keras_dir / "{epoch:02d}.keras")),
+        checkpoint])
+    assert_same_checkpoints(keras_dir, ours)
+    assert checkpoint.stats().save_paths == {reason: 3}
+
+
+def test_other_formats_are_saved_by_keras(tmp_path):
+    checkpoint = AsyncCallback(
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "{epoch:02d}.h5")),
+        executor="thread")
+    x, y = mnist_like(64)
+    make_model("sequential").fit(x, y, epochs=2, **FIT,
+                                 callbacks=[checkpoint])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01.h5", "02.h5"]
+    assert checkpoint.stats().save_paths == {
+        "keras: a format other than .keras and .weights.h5": 2}
