@@ -24,7 +24,7 @@ from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
 from asynccb._run_watch import RunWatch, keras_run_frame
 from asynccb._shadow import ModelBlueprint, current_blueprint
-from asynccb._snapshot import StateLevel, allocate_private
+from asynccb._snapshot import StateLevel, allocate_held
 from asynccb._snapshotter import Snapshotter
 from asynccb._stats import CallbackStats
 from asynccb._tasks import Task
@@ -132,9 +132,9 @@ class Dispatcher:
             if self._running:
                 return
             self._running = True
-            # Private memory, unless a lane's workers are in another
-            # process (see `_start_lane`).
-            self.pool.use(allocate_private)
+            # Snapshots hold tensors, unless a lane's workers are in
+            # another process (see `_start_lane`).
+            self.pool.use(allocate_held)
             for lane in self.lanes:
                 self._start_lane(lane)
 

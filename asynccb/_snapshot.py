@@ -1,10 +1,19 @@
-"""Snapshots: the model state an offloaded hook sees, copied at dispatch.
+"""Snapshots: the model state an offloaded hook sees, taken at dispatch.
 
-A snapshot is a copy of some of the model's variables into a buffer taken
-from a pool of reused, pre-allocated buffers. Taking one costs the training
-thread a memory copy of the bytes it holds; nothing is allocated per step.
-Buffers are reference counted, so callbacks that need the model at the same
-step share one snapshot.
+For workers in this process, a snapshot holds the tensors TensorFlow reads
+from the model's variables, without copying them: TensorFlow never changes
+a buffer that something still references (an update writes the variable a
+new buffer), so what is held stays the state at dispatch. Taking one costs
+the training thread a read; a buffer is copied only if training updates the
+variable while the snapshot is held, by TensorFlow, once.
+
+For worker processes, a snapshot is a copy of the variables into a buffer
+they can map, taken from a pool of reused, pre-allocated buffers: taking
+one costs the training thread a memory copy; nothing is allocated per step.
+
+Either way the pool bounds how many snapshots are alive at once (the
+memory they may hold), and snapshots are reference counted, so callbacks
+that need the model at the same step share one.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ __all__ = [
     "Buffer",
     "BufferPool",
     "Snapshot",
+    "allocate_held",
+    "allocate_private",
     "state_variables",
     "variables_signature",
 ]
@@ -195,6 +206,12 @@ class StateLayout:
         for value, view in zip(self._read(), buffer.views(self.spec)):
             np.copyto(view, _host_array(value), casting="no")
 
+    def hold(self) -> list[np.ndarray]:
+        """The variables' current values, without a copy: read-only views of
+        the tensors read, which TensorFlow leaves as they are (see the
+        module's docstring). Device memory is copied to the host."""
+        return [_host_array(value) for value in self._read()]
+
 
 class Buffer:
     """A reusable flat byte buffer of the pool.
@@ -206,9 +223,11 @@ class Buffer:
     """
 
     def __init__(self, data: np.ndarray, name: str | None = None,
-                 release: Callable[[], None] | None = None):
+                 release: Callable[[], None] | None = None,
+                 held: bool = False):
         self.data = data
         self.name = name
+        self.held = held
         self.maker: Callable[[int], "Buffer"] | None = None  # Set by a pool.
         self._release = release
         self._views: tuple[Any, list[np.ndarray]] | None = None
@@ -229,6 +248,12 @@ class Buffer:
         self._views = None
         if self._release is not None:
             self._release()
+
+
+def allocate_held(nbytes: int) -> Buffer:
+    """A place in the pool for a snapshot that holds tensors: no memory of
+    its own (see `StateLayout.hold`)."""
+    return Buffer(np.empty(0, np.uint8), held=True)
 
 
 def allocate_private(nbytes: int) -> Buffer:
@@ -267,7 +292,7 @@ class BufferPool:
     # the run needs shared memory). Any other is retired: freed when free.
 
     def _reusable(self, buffer: Buffer) -> bool:
-        return buffer.nbytes >= self._nbytes and (
+        return (buffer.held or buffer.nbytes >= self._nbytes) and (
             buffer.maker is self.allocate)
 
     def _retire_free(self) -> None:
@@ -335,6 +360,7 @@ class BufferPool:
         pay for allocating and paging in its memory (a second per GiB)."""
         with self._cond:
             if (self._free or self._count >= self.capacity or not self._nbytes
+                    or self.allocate is allocate_held
                     or (self._prefill is not None
                         and self._prefill.is_alive())):
                 return
@@ -402,6 +428,7 @@ class Snapshot:
             is empty.
         pool: The pool `buffer` returns to when the last holder releases.
         stop_training: The model's `stop_training` flag at dispatch.
+        held: The values, when held rather than copied into `buffer`.
 
     Attributes:
         serial: Unique in the training process: a shadow that already
@@ -410,8 +437,9 @@ class Snapshot:
 
     def __init__(self, level: StateLevel, layout: LayoutSpec,
                  buffer: Buffer | None, pool: BufferPool | None,
-                 stop_training: bool):
+                 stop_training: bool, held: list[np.ndarray] | None = None):
         self.serial = next(_serials)
+        self._held = held
         self.level = level
         self.layout = layout
         self.buffer = buffer
@@ -422,6 +450,8 @@ class Snapshot:
 
     def arrays(self) -> list[np.ndarray]:
         """The captured values, one array per variable (views, not copies)."""
+        if self._held is not None:
+            return self._held
         if self.buffer is None:
             return []
         return self.buffer.views(self.layout)
@@ -435,6 +465,8 @@ class Snapshot:
         with self._lock:
             self._holders -= 1
             last = self._holders == 0
+        if last:
+            self._held = None  # TensorFlow may free or reuse them now.
         if last and self.buffer is not None and self._pool is not None:
             buffer, self.buffer = self.buffer, None
             self._pool.release(buffer)

@@ -22,7 +22,8 @@ __all__ = ["Snapshotter"]
 
 
 class Snapshotter:
-    """Copies the live model's state into pooled buffers for the lanes.
+    """Takes snapshots of the live model's state for the lanes: held
+    tensors, or copies into pooled buffers for worker processes.
 
     Lanes that need the model at the same dispatch (one hook call from
     Keras) share one snapshot: the first takes it, the others retain it,
@@ -36,7 +37,7 @@ class Snapshotter:
     Attributes:
         pool: The buffers; every lane's queue of snapshots draws on it.
         snapshots: How many snapshots were taken (shared ones count once).
-        snapshot_bytes: Their total size.
+        snapshot_bytes: The bytes they copied (held ones copy none).
     """
 
     def __init__(self, max_snapshots: int):
@@ -77,14 +78,19 @@ class Snapshotter:
         if layout.nbytes:
             buffer, waited = self._acquire(layout.nbytes, lane, check)
         start = time.perf_counter()
-        if buffer is not None:
+        held = None
+        if buffer is not None and buffer.held:
+            held = layout.hold()
+        elif buffer is not None:
             layout.capture(buffer)
             self.pool.prefill()  # The next snapshot's buffer, off-thread.
         snapshot = Snapshot(level, layout.spec, buffer, self.pool,
-                            bool(getattr(model, "stop_training", False)))
+                            bool(getattr(model, "stop_training", False)),
+                            held=held)
         took = time.perf_counter() - start
         self.snapshots += 1
-        self.snapshot_bytes += layout.nbytes
+        if held is None:
+            self.snapshot_bytes += layout.nbytes
         self.end_window()
         self._shared = snapshot.retain()
         return snapshot.retain(), took, waited

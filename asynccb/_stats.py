@@ -143,7 +143,8 @@ class Stats:
         callbacks: Per offloaded callback name, its `CallbackStats`.
         synchronous: Per synchronous callback name, its `SyncCallbackStats`.
         snapshots: Snapshots taken (each possibly shared by several hooks).
-        snapshot_bytes: Bytes copied by those snapshots.
+        snapshot_bytes: Bytes copied by those snapshots (those for workers
+            in this process hold the tensors read, and copy none).
         buffers: Snapshot buffers allocated (their memory is reused).
     """
 

@@ -4,6 +4,7 @@ shape (its timings are not tested: they are the benchmark's business)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,35 @@ def test_pin_needs_two_cpus(tmp_path):
     assert completed.returncode == 1
     assert "--pin needs at least 2 CPUs" in completed.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_tiny_save_cost(tmp_path):
+    # Its own process, as its sizes are: each size starts TensorFlow anew.
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "save_cost.py"), "--tiny",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = saved_document(tmp_path)
+    assert saved["args"]["repeats"] == 1 and saved["args"]["tf_threads"] == 1
+    assert [row["mib"] for row in saved["sizes"]] == [1.0, 2.0]
+    variants = ["none", "keras", "asynccb thread", "asynccb process",
+                "asynccb thread, fast off", "asynccb process, fast off"]
+    for row in saved["sizes"]:
+        assert row["saves"] == 3 and row["tf_intra_threads"] == 1
+        assert set(row["formats"]) == {".keras", ".weights.h5"}
+        for form, part in row["formats"].items():
+            assert part["raw_write"][0]["bytes"] > 0
+            by_name = {v["name"]: v for v in part["variants"]}
+            assert sorted(by_name) == sorted(variants), form
+            for name, variant in by_name.items():
+                assert math.isfinite(variant["over_raw_write"]), (form, name)
+                assert math.isfinite(variant["cpu_per_checkpoint_s"])
+                assert variant["wall_vs_none"] > 0
+                expected = 0 if name == "none" else row["saves"]
+                assert variant["runs"][0]["files"] == expected, (form, name)
+            for name in ("asynccb thread", "asynccb process"):
+                assert "fast" in by_name[name]["save_paths"], (form, name)
+    out = completed.stdout
+    assert "| state MiB | saves | raw write ms | keras |" in out
+    assert "TF threads 1 intra-op / 1 inter-op; 1 interleaved repeats" in out

@@ -275,3 +275,54 @@ def test_a_shared_shadow_copies_a_snapshot_it_holds_only_once():
     kernel.assign(np.zeros(kernel.shape, np.float32))  # Its callback's.
     own.apply(first)
     np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())
+
+
+class WaitsAtFirstStep(keras.callbacks.Callback):
+    """Offloaded: its first hook waits until training is `steps` further,
+    then records the weights its model holds."""
+
+    def __init__(self, released):
+        super().__init__()
+        self.released = released
+        self.seen = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            assert self.released.wait(60), "training never got further"
+            self.seen = self.model.get_weights()
+
+
+class ReleasesAt(keras.callbacks.Callback):
+    """Inline: records the live weights at step 0, releases at `step`."""
+
+    def __init__(self, released, step):
+        super().__init__()
+        self.released, self.step = released, step
+        self.at_first_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self.at_first_step = self.model.get_weights()
+        if batch == self.step:
+            self.released.set()
+
+
+@pytest.mark.parametrize("executor_", ["thread", "async"])
+def test_a_held_snapshot_stays_the_state_at_dispatch(executor_):
+    import threading
+
+    released = threading.Event()
+    waits, releases = WaitsAtFirstStep(released), ReleasesAt(released, 5)
+    wrapper = AsyncCallback(waits, executor=executor_, state=lambda hook, args: (
+        "weights" if args == (0,) else "none"))
+    model = make_model()
+    x, y = mnist_like(256)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0,
+              callbacks=[releases, wrapper])
+    live_now = model.get_weights()
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(live_now, releases.at_first_step))
+    for got, want in zip(waits.seen, releases.at_first_step):
+        np.testing.assert_array_equal(got, want)
+    # Workers in this process hold what TensorFlow read: nothing copied.
+    assert wrapper._dispatcher.snapshot_bytes == 0

@@ -10,6 +10,7 @@ is an error at once, never a hang.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.machinery
 import logging
 import pickle
@@ -186,8 +187,8 @@ class ProcessRunner:
             ref = SnapshotRef(
                 snapshot.buffer.name if snapshot.buffer is not None else None,
                 snapshot.layout, snapshot.stop_training, snapshot.serial)
-        remote = Task(task.kind, task.name, task.args, task.logs,
-                      task.kwargs, snapshot=ref, model=model)
+        # Every other field as it is (a save's `fast` switch included).
+        remote = dataclasses.replace(task, snapshot=ref, model=model)
         payload = None
         if task.kind in ("set_model", "attach"):
             # The callback as it is when its run starts, sent with its model.

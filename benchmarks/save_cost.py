@@ -1,0 +1,329 @@
+"""Save cost: what one checkpoint costs the machine in CPU, by state size
+and file format, against a raw write of the same bytes.
+
+For MLPs whose state (weights + Adam) is 10 MiB to 1.5 GiB, a
+ModelCheckpoint saves every 2 steps, as a `.keras` file or, with
+`save_weights_only=True`, a `.weights.h5` file; it runs inline in plain
+Keras ("keras") and in `asynccb.AsyncCallback` on the thread and on the
+process executor, with fast saves on and off ("fast off": every save
+through Keras' writer, as before fast saves).
+
+How to read the tables:
+
+- CPU per checkpoint (ms): the CPU seconds of a whole `fit`, the training
+  process (all its threads) plus asynccb's worker processes, minus those
+  of the no-callback `fit` of the same repeat, over the saves made.
+  Training cancels out; what is left is what saving cost, wherever it ran,
+  with what a run pays once for its saves (below) spread over them.
+- x raw: that over the CPU of a raw write of one checkpoint file's bytes
+  (os.write in 8 MiB chunks, fsync; `measure.raw_write_seconds`), made in
+  the same process in the same repeat: paired, so that a slow stretch of a
+  shared machine, which slows both, cancels out. Median over repeats, with
+  min-max. 1x is about the least any format can cost.
+- Each `fit` is a new run (a new wrapper: asynccb traces its snapshot
+  reader again). With fast saves on, the first save of a layout
+  goes through Keras' writer and asynccb learns the file's layout from it;
+  that save is included in the average (on the thread executor, 1 save in
+  `saves` is Keras'; the process executor's warm worker keeps the layout
+  it learned in an earlier run, so there every save may be fast). The
+  JSON has each asynccb variant's `stats().save_paths` (last repeat; a
+  warning is printed if a variant's paths contradict its name), and the
+  wall time of each `fit` over the no-callback one's.
+
+Each size runs in a fresh process (the largest need most of the memory).
+There, after one unmeasured `fit` of every variant (one save each: the
+train step is traced, the process executor's worker starts and imports
+TensorFlow), the repeats run every format x variant, in an order rotated
+per repeat, on one model and one data set; the warm worker serves them all.
+
+Run from the repository root:
+
+    python benchmarks/save_cost.py           10 and 100 MiB, 3 repeats
+    python benchmarks/save_cost.py --full    10 MiB to 1.5 GiB, 5 repeats
+    python benchmarks/save_cost.py --tiny    a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from typing import Any
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCHMARKS)
+
+EVERY, BATCH = 2, 8
+SAVES_BYTES, MIN_SAVES, MAX_SAVES = 2 * 2**30, 5, 40
+DEFAULT_SIZES, FULL_SIZES = "10,100", "10,30,100,300,1000,1500"
+DEFAULT_REPEATS, FULL_REPEATS = 3, 5
+FORMATS = {".keras": "{batch}.keras", ".weights.h5": "{batch}.weights.h5"}
+BASELINE = "none"
+ASYNC = {  # Variant name: (executor, fast_saves).
+    "asynccb thread": ("thread", True),
+    "asynccb process": ("process", True),
+    "asynccb thread, fast off": ("thread", False),
+    "asynccb process, fast off": ("process", False),
+}
+VARIANTS = [BASELINE, "keras", *ASYNC]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sizes", default=None,
+                        help=f"MiB of state (weights + Adam): {DEFAULT_SIZES}"
+                             f", or {FULL_SIZES} with --full")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"{DEFAULT_REPEATS}, or {FULL_REPEATS} with "
+                             "--full")
+    parser.add_argument("--saves", type=int, default=None,
+                        help=f"saves per fit (default: 2 GiB over the state,"
+                             f" within {MIN_SAVES}..{MAX_SAVES})")
+    parser.add_argument("--tf-threads", type=int, default=1,
+                        help="TensorFlow intra-op threads for training")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--tiny", action="store_true",
+                        help="sizes 1,2 MiB, 1 repeat, 3 saves (tests)")
+    parser.add_argument("--output", default=os.path.join(BENCHMARKS,
+                                                         "results"))
+    parser.add_argument("--one-size", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.sizes, args.repeats, args.saves = "1,2", 1, 3
+    args.sizes = args.sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)
+    args.repeats = args.repeats or (FULL_REPEATS if args.full
+                                    else DEFAULT_REPEATS)
+    return args
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rotated(items: list, by: int) -> list:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def callbacks_of(name: str, form: str, directory: str) -> list[Any]:
+    import keras
+
+    from asynccb import AsyncCallback
+
+    if name == BASELINE:
+        return []
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        os.path.join(directory, FORMATS[form]), save_freq=EVERY,
+        save_weights_only=form == ".weights.h5")
+    if name not in ASYNC:
+        return [checkpoint]
+    executor, fast = ASYNC[name]
+    return [AsyncCallback(checkpoint, executor=executor, fast_saves=fast)]
+
+
+def fit_once(model: Any, data: tuple, name: str, form: str,
+             scratch: str) -> dict[str, Any]:
+    """One measured `fit` of `name`; its written files are then deleted."""
+    from measure import CpuWindow
+
+    directory = tempfile.mkdtemp(dir=scratch)
+    callbacks = callbacks_of(name, form, directory)
+    window = CpuWindow()
+    window.begin()
+    start = time.perf_counter()
+    model.fit(*data, epochs=1, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=callbacks)
+    wall = time.perf_counter() - start
+    window.end()
+    files = sorted(os.listdir(directory))
+    run = {
+        "cpu_s": window.trainer_s + window.workers_s,
+        "cpu_trainer_s": window.trainer_s, "cpu_workers_s": window.workers_s,
+        "wall_s": wall, "files": len(files),
+        "file_bytes": (os.path.getsize(os.path.join(directory, files[0]))
+                       if files else None),
+        "save_paths": (dict(callbacks[0].stats().save_paths)
+                       if name in ASYNC else None),
+    }
+    shutil.rmtree(directory)
+    return run
+
+
+def summarize(runs: dict[str, list[dict]], raws: list[dict],
+              saves: int) -> list[dict[str, Any]]:
+    """Per variant: medians over repeats of figures paired with the same
+    repeat's no-callback fit and raw write."""
+    rows = []
+    for name, own in runs.items():
+        pairs = list(zip(own, runs[BASELINE], raws))
+        per_save = [(r["cpu_s"] - b["cpu_s"]) / saves for r, b, _ in pairs]
+        ratios = [c / raw["cpu_s"] if raw["cpu_s"] > 0 else float("nan")
+                  for c, raw in zip(per_save, raws)]
+        rows.append({
+            "name": name,
+            "cpu_per_checkpoint_s": statistics.median(per_save),
+            "over_raw_write": statistics.median(ratios),
+            "over_raw_write_min": min(ratios),
+            "over_raw_write_max": max(ratios),
+            "wall_vs_none": statistics.median(
+                r["wall_s"] / b["wall_s"] for r, b, _ in pairs),
+            "save_paths": own[-1]["save_paths"],
+            "runs": own,
+        })
+    return rows
+
+
+def measure_size(mib: float, repeats: int, saves: int | None,
+                 scratch: str) -> dict[str, Any]:
+    """Every format x variant, `repeats` times, for one size of state."""
+    import asynccb
+    from measure import raw_write_seconds, state_nbytes
+    from runner import width_for_state
+    from variants import build_model, synthetic_data
+
+    width = width_for_state(int(mib * 2**20))
+    model = build_model(width)
+    x, y = synthetic_data(BATCH)
+    model.fit(x, y, epochs=1, batch_size=BATCH, verbose=0)  # Builds Adam.
+    nbytes = state_nbytes(model)
+    saves = saves or min(MAX_SAVES, max(MIN_SAVES,
+                                        round(SAVES_BYTES / nbytes)))
+    x, y = synthetic_data(EVERY * saves * BATCH)
+    _progress(f"{mib:g} MiB (width {width}, {saves} saves): warm-up fits")
+    for form in FORMATS:
+        for name in VARIANTS:
+            fit_once(model, (x[:EVERY * BATCH], y[:EVERY * BATCH]), name,
+                     form, scratch)
+    runs = {form: {name: [] for name in VARIANTS} for form in FORMATS}
+    raws: dict[str, list[dict]] = {form: [] for form in FORMATS}
+    for repeat in range(repeats):
+        for form in _rotated(list(FORMATS), repeat):
+            _progress(f"{mib:g} MiB, {form}, repeat {repeat + 1}/{repeats}")
+            for name in _rotated(VARIANTS, repeat):
+                runs[form][name].append(
+                    fit_once(model, (x, y), name, form, scratch))
+            raws[form].append(raw_write_seconds(
+                runs[form]["keras"][-1]["file_bytes"], scratch))
+    asynccb.shutdown()
+    return {
+        "mib": mib, "width": width, "state_bytes": nbytes, "every": EVERY,
+        "saves": saves, "steps": EVERY * saves, "batch_size": BATCH,
+        "formats": {form: {"raw_write": raws[form],
+                           "variants": summarize(runs[form], raws[form],
+                                                 saves)}
+                    for form in FORMATS},
+    }
+
+
+def run_sizes(args: argparse.Namespace, scratch: str) -> list[dict]:
+    rows = []
+    for mib in [float(s) for s in args.sizes.split(",")]:
+        command = [sys.executable, os.path.abspath(__file__),
+                   "--one-size", str(mib), "--repeats", str(args.repeats),
+                   "--tf-threads", str(args.tf_threads), "--scratch", scratch]
+        if args.saves:
+            command += ["--saves", str(args.saves)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            _progress(f"{mib:g} MiB failed (exit code {done.returncode})")
+            rows.append({"mib": mib, "error": f"exit code {done.returncode}"})
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    """As the other benchmarks record it (versions without importing)."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(),
+            **{name: metadata.version(name) for name in ("tensorflow",
+                                                          "keras")}}
+
+
+def _cell(variant: dict) -> str:
+    return (f"{variant['cpu_per_checkpoint_s'] * 1e3:.1f} "
+            f"({variant['over_raw_write']:.1f}x, "
+            f"{variant['over_raw_write_min']:.1f}-"
+            f"{variant['over_raw_write_max']:.1f})")
+
+
+def markdown_table(rows: list[dict], form: str) -> str:
+    names = VARIANTS[1:]
+    lines = ["| state MiB | saves | raw write ms | " + " | ".join(names)
+             + " |", "|---" * (3 + len(names)) + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['mib']:g} | {row['error']} |")
+            continue
+        part = row["formats"][form]
+        raw = statistics.median(r["cpu_s"] for r in part["raw_write"])
+        by_name = {v["name"]: v for v in part["variants"]}
+        cells = [f"{row['state_bytes'] / 2**20:.3g}", str(row["saves"]),
+                 f"{raw * 1e3:.1f}"] + [_cell(by_name[n]) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def path_warnings(rows: list[dict]) -> list[str]:
+    """Variants whose saves did not take the path their name says."""
+    found = []
+    for row in rows:
+        for form, part in row.get("formats", {}).items():
+            for variant in part["variants"]:
+                name, paths = variant["name"], variant["save_paths"] or {}
+                if name in ASYNC and ASYNC[name][1] != ("fast" in paths):
+                    found.append(f"warning: {row['mib']:g} MiB, {form}, "
+                                 f"{name}: save paths {paths}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.one_size is not None:  # A size's own process.
+        from heavy_checkpointing import configure_tensorflow
+
+        threads = configure_tensorflow(args.tf_threads)
+        row = measure_size(args.one_size, args.repeats, args.saves,
+                           args.scratch)
+        print(json.dumps({**row, **threads}, default=float))
+        return None
+    from report import write_json
+
+    scratch = tempfile.mkdtemp(prefix="asynccb-save-cost-")
+    started = time.perf_counter()
+    try:
+        rows = run_sizes(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    document = {"args": vars(args), "machine": machine(),
+                "seconds": time.perf_counter() - started, "sizes": rows}
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, f"save_cost-tf{args.tf_threads}-"
+                        f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    write_json(path, document)
+    for form in FORMATS:
+        print(f"\n{form}: CPU per checkpoint (all processes, less the "
+              f"no-callback fit), ms (x a raw write of the file's bytes, "
+              f"min-max); saves every {EVERY} steps, batch {BATCH}; TF "
+              f"threads {args.tf_threads} intra-op / 1 inter-op; "
+              f"{args.repeats} interleaved repeats, medians.\n")
+        print(markdown_table(rows, form))
+    for warning in path_warnings(rows):
+        print(warning)
+    print(f"\nJSON: {path}; {document['seconds']:.0f} s in all.")
+    return document
+
+
+if __name__ == "__main__":
+    main()
