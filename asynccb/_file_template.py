@@ -332,17 +332,16 @@ def learn_keras_file(path: str, slots: dict[str, int],
                 raise CannotCopySave(f"zip entry {info.filename} is "
                                      "compressed or has a data descriptor")
         metadata = json.loads(archive.read(_METADATA))
-        with archive.open(_WEIGHTS) as member:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                starts = {name: _data_start(fd, info)
-                          for name, info in infos.items()}
-                regions = _regions(member, starts[_WEIGHTS], slots, arrays)
-                size = os.fstat(fd).st_size
-                central = _central_headers(fd, size)
-                fixed = _fixed_pieces(fd, size, regions, arrays)
-            finally:
-                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        starts = {name: _data_start(fd, info) for name, info in infos.items()}
+        member = _Slice(fd, starts[_WEIGHTS], infos[_WEIGHTS].file_size)
+        regions = _regions(member, starts[_WEIGHTS], slots, arrays)
+        size = os.fstat(fd).st_size
+        central = _central_headers(fd, size)
+        fixed = _fixed_pieces(fd, size, regions, arrays)
+    finally:
+        os.close(fd)
     date = str(metadata.get("date_saved", "")).encode()
     raw = json.dumps(metadata).encode()
     if not date or raw != _entry_bytes(fixed, regions, starts[_METADATA],
@@ -364,6 +363,36 @@ def learn_keras_file(path: str, slots: dict[str, int],
         metadata_stamp=stamp(_METADATA),
         date_at=raw.index(date),
     )
+
+
+class _Slice:
+    """A read-only file object over `size` bytes of `fd` from `start`: the
+    stored weights entry, for h5py to read where it lies (zipfile's entry
+    reader rereads from the entry's start on every backward seek)."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        self._fd, self._start, self._size, self._at = fd, start, size, 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at,
+                os.SEEK_END: self._size}[whence]
+        self._at = base + offset
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._size if size < 0 else min(self._at + size, self._size)
+        data = os.pread(self._fd, max(end - self._at, 0),
+                        self._start + self._at)
+        self._at += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
 
 
 def _data_start(fd: int, info: zipfile.ZipInfo) -> int:

@@ -12,22 +12,22 @@ How to read the tables:
 
 - CPU per checkpoint (ms): the CPU seconds of a whole `fit`, the training
   process (all its threads) plus asynccb's worker processes, minus those
-  of the no-callback `fit` of the same repeat, over the saves made.
-  Training cancels out; what is left is what saving cost, wherever it ran,
-  with what a run pays once for its saves (below) spread over them.
+  of the no-callback `fit` of the same repeat: training cancels out, and
+  what is left is what saving cost, wherever it ran. Each variant also
+  runs a `fit` with one save; the long fit's cost less that one's, over
+  its other saves, is what each save after a run's first costs (the
+  figure of the tables), and the one-save fit's cost is the first save
+  with what a run pays once (tracing asynccb's snapshot reader; with fast
+  saves, the first save is Keras' own and asynccb learns the file's
+  layout from it; the process executor's warm worker keeps what it
+  learned for the next run of the same model).
 - x raw: that over the CPU of a raw write of one checkpoint file's bytes
   (os.write in 8 MiB chunks, fsync; `measure.raw_write_seconds`), made in
   the same process in the same repeat: paired, so that a slow stretch of a
   shared machine, which slows both, cancels out. Median over repeats, with
   min-max. 1x is about the least any format can cost.
-- Each `fit` is a new run (a new wrapper: asynccb traces its snapshot
-  reader again). With fast saves on, the first save of a layout
-  goes through Keras' writer and asynccb learns the file's layout from it;
-  that save is included in the average (on the thread executor, 1 save in
-  `saves` is Keras'; the process executor's warm worker keeps the layout
-  it learned in an earlier run, so there every save may be fast). The
-  JSON has each asynccb variant's `stats().save_paths` (last repeat; a
-  warning is printed if a variant's paths contradict its name), and the
+- The JSON has each asynccb variant's `stats().save_paths` (last repeat;
+  a warning is printed if a variant's paths contradict its name), and the
   wall time of each `fit` over the no-callback one's.
 
 Each size runs in a fresh process (the largest need most of the memory).
@@ -160,14 +160,21 @@ def fit_once(model: Any, data: tuple, name: str, form: str,
     return run
 
 
-def summarize(runs: dict[str, list[dict]], raws: list[dict],
-              saves: int) -> list[dict[str, Any]]:
+def summarize(runs: dict[str, list[dict]], firsts: dict[str, list[dict]],
+              raws: list[dict], saves: int) -> list[dict[str, Any]]:
     """Per variant: medians over repeats of figures paired with the same
-    repeat's no-callback fit and raw write."""
+    repeat's no-callback fits and raw write.
+
+    `firsts` are fits with one save: their cost, less the no-callback one
+    of the same length, is the first save of a run with what a run pays
+    once; the long fit's cost less that, over its other saves, is what
+    each save after the first costs."""
     rows = []
     for name, own in runs.items():
-        pairs = list(zip(own, runs[BASELINE], raws))
-        per_save = [(r["cpu_s"] - b["cpu_s"]) / saves for r, b, _ in pairs]
+        first = [f["cpu_s"] - b["cpu_s"]
+                 for f, b in zip(firsts[name], firsts[BASELINE])]
+        per_save = [(r["cpu_s"] - b["cpu_s"] - f) / (saves - 1)
+                    for r, b, f in zip(own, runs[BASELINE], first)]
         ratios = [c / raw["cpu_s"] if raw["cpu_s"] > 0 else float("nan")
                   for c, raw in zip(per_save, raws)]
         rows.append({
@@ -176,10 +183,12 @@ def summarize(runs: dict[str, list[dict]], raws: list[dict],
             "over_raw_write": statistics.median(ratios),
             "over_raw_write_min": min(ratios),
             "over_raw_write_max": max(ratios),
+            "first_save_s": statistics.median(first),
             "wall_vs_none": statistics.median(
-                r["wall_s"] / b["wall_s"] for r, b, _ in pairs),
+                r["wall_s"] / b["wall_s"]
+                for r, b in zip(own, runs[BASELINE])),
             "save_paths": own[-1]["save_paths"],
-            "runs": own,
+            "runs": own, "first_runs": firsts[name],
         })
     return rows
 
@@ -206,11 +215,15 @@ def measure_size(mib: float, repeats: int, saves: int | None,
             fit_once(model, (x[:EVERY * BATCH], y[:EVERY * BATCH]), name,
                      form, scratch)
     runs = {form: {name: [] for name in VARIANTS} for form in FORMATS}
+    firsts = {form: {name: [] for name in VARIANTS} for form in FORMATS}
     raws: dict[str, list[dict]] = {form: [] for form in FORMATS}
+    short = (x[:EVERY * BATCH], y[:EVERY * BATCH])  # One save.
     for repeat in range(repeats):
         for form in _rotated(list(FORMATS), repeat):
             _progress(f"{mib:g} MiB, {form}, repeat {repeat + 1}/{repeats}")
             for name in _rotated(VARIANTS, repeat):
+                firsts[form][name].append(
+                    fit_once(model, short, name, form, scratch))
                 runs[form][name].append(
                     fit_once(model, (x, y), name, form, scratch))
             raws[form].append(raw_write_seconds(
@@ -220,8 +233,8 @@ def measure_size(mib: float, repeats: int, saves: int | None,
         "mib": mib, "width": width, "state_bytes": nbytes, "every": EVERY,
         "saves": saves, "steps": EVERY * saves, "batch_size": BATCH,
         "formats": {form: {"raw_write": raws[form],
-                           "variants": summarize(runs[form], raws[form],
-                                                 saves)}
+                           "variants": summarize(runs[form], firsts[form],
+                                                 raws[form], saves)}
                     for form in FORMATS},
     }
 
@@ -261,7 +274,8 @@ def _cell(variant: dict) -> str:
 def markdown_table(rows: list[dict], form: str) -> str:
     names = VARIANTS[1:]
     lines = ["| state MiB | saves | raw write ms | " + " | ".join(names)
-             + " |", "|---" * (3 + len(names)) + "|"]
+             + " | first save ms: " + ", ".join(names) + " |",
+             "|---" * (4 + len(names)) + "|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['mib']:g} | {row['error']} |")
@@ -270,7 +284,9 @@ def markdown_table(rows: list[dict], form: str) -> str:
         raw = statistics.median(r["cpu_s"] for r in part["raw_write"])
         by_name = {v["name"]: v for v in part["variants"]}
         cells = [f"{row['state_bytes'] / 2**20:.3g}", str(row["saves"]),
-                 f"{raw * 1e3:.1f}"] + [_cell(by_name[n]) for n in names]
+                 f"{raw * 1e3:.1f}"] + [_cell(by_name[n]) for n in names] + [
+            ", ".join(f"{by_name[n]['first_save_s'] * 1e3:.0f}"
+                      for n in names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -313,9 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                         f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json(path, document)
     for form in FORMATS:
-        print(f"\n{form}: CPU per checkpoint (all processes, less the "
-              f"no-callback fit), ms (x a raw write of the file's bytes, "
-              f"min-max); saves every {EVERY} steps, batch {BATCH}; TF "
+        print(f"\n{form}: CPU per checkpoint after a run's first (all "
+              f"processes, less the no-callback fit and the one-save fit), "
+              f"ms (x a raw write of the file's bytes, min-max), and the "
+              f"first save of a run; saves every {EVERY} steps, batch "
+              f"{BATCH}; TF "
               f"threads {args.tf_threads} intra-op / 1 inter-op; "
               f"{args.repeats} interleaved repeats, medians.\n")
         print(markdown_table(rows, form))
