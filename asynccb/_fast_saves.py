@@ -11,8 +11,12 @@ counted in `stats()`.
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
 
 from asynccb._errors import CannotCopySave
 from asynccb._file_template import (
@@ -22,13 +26,20 @@ from asynccb._file_template import (
 )
 from asynccb._save_sources import dataset_slots
 from asynccb._saving import atomic_path, save_atomically, save_target
-from asynccb._snapshot import state_variables
+from asynccb._snapshot import (
+    StateLevel,
+    host_array,
+    state_variables,
+    variables_signature,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._shadow import Shadow
     from asynccb._tasks import Task
 
-__all__ = ["FAST", "save"]
+__all__ = ["FAST", "save", "route_saves"]
+
+logger = logging.getLogger("asynccb")
 
 FAST = "fast"
 _FIRST = "keras: first save of its layout (learning the file)"
@@ -36,23 +47,24 @@ _CONFIG = ("keras: the config changed (an optimizer hyperparameter such as "
            "the learning rate); learning the file again")
 
 
-def _form(task: Task) -> tuple[str | None, str]:
+def _form(method: str, args: tuple, kwargs: dict,
+          fast: bool) -> tuple[str | None, str]:
     """Which template a save can use (`"keras"`, `"weights"`), or `None`
     and why not."""
-    if not task.fast:
+    if not fast:
         return None, "keras: fast saves switched off (fast_saves=False)"
-    filepath, *rest = task.args
+    filepath, *rest = args
     filepath = os.fspath(filepath)
-    extra = {key: value for key, value in task.kwargs.items()
+    extra = {key: value for key, value in kwargs.items()
              if key != "overwrite"}
     if "://" in filepath:
         return None, "keras: a remote path"
     if rest or extra:
         names = ", ".join(sorted(extra)) or "positional arguments"
         return None, f"keras: saved with {names}"
-    if task.name == "save" and filepath.endswith(".keras"):
+    if method == "save" and filepath.endswith(".keras"):
         return "keras", ""
-    if task.name == "save_weights" and filepath.endswith(".weights.h5"):
+    if method == "save_weights" and filepath.endswith(".weights.h5"):
         return "weights", ""
     return None, "keras: a format other than .keras and .weights.h5"
 
@@ -68,14 +80,59 @@ def _config_slots(model: Any, variables: list[Any]) -> tuple[int, ...]:
         and "float" in str(v.dtype))
 
 
-def _learn(form: str, path: str, model: Any, snapshot: Any) -> Template:
-    variables = state_variables(model, snapshot.level)
-    slots = dataset_slots(model, variables)
-    arrays = snapshot.arrays()
-    if form == "weights":
-        return learn_weights_file(path, slots, arrays)
-    return learn_keras_file(path, slots, arrays,
-                            _config_slots(model, variables))
+@dataclass
+class _State:
+    """What a save writes: values in snapshot order, and how to get a
+    model holding them for Keras' writer."""
+
+    level: StateLevel
+    signature: tuple
+    arrays: Callable[[], Sequence[np.ndarray]]
+    model: Callable[[], Any]
+
+
+def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
+          fast: bool, state: _State) -> str:
+    form, reason = _form(method, args, kwargs, fast)
+    key = (form, state.signature)
+    known = shadow.templates.get(key) if form else None
+    if isinstance(known, Template) and known.fits(state.arrays()):
+        target = save_target(args[0], kwargs.get("overwrite", True))
+        with atomic_path(target) as tmp:
+            known.write(tmp, state.arrays())
+        return FAST
+    if isinstance(known, str):
+        reason = known  # Learning showed this layout cannot be copied.
+    elif form:
+        reason = _FIRST if known is None else _CONFIG
+    model = state.model()
+
+    def learn(tmp: str) -> None:
+        assert form is not None
+        variables = state_variables(model, state.level)
+        try:
+            slots = dataset_slots(model, variables)
+            shadow.templates[key] = (
+                learn_weights_file(tmp, slots, state.arrays())
+                if form == "weights" else learn_keras_file(
+                    tmp, slots, state.arrays(),
+                    _config_slots(model, variables)))
+        except CannotCopySave as exc:
+            shadow.templates[key] = f"keras: {exc}"
+        except (OSError, MemoryError):
+            raise  # The file system's trouble: the save's, the user's.
+        except Exception as exc:  # A file asynccb does not know how to read.
+            shadow.templates[key] = (
+                f"keras: learning the file failed ({type(exc).__name__})")
+            logger.warning("asynccb: cannot learn the layout of %s; its "
+                           "saves go through Keras' writer", args[0],
+                           exc_info=True)
+
+    save_atomically(model, method, args, kwargs,
+                    then=learn if form and not isinstance(known, str)
+                    else None)
+    learned = shadow.templates.get(key) if form else None
+    return learned if isinstance(learned, str) else reason
 
 
 def save(shadow: Shadow, task: Task) -> str:
@@ -89,29 +146,32 @@ def save(shadow: Shadow, task: Task) -> str:
     """
     snapshot = task.snapshot
     assert snapshot is not None, "a save always has a snapshot"
-    form, reason = _form(task)
-    key = (form, snapshot.layout.signature)
-    known = shadow.templates.get(key) if form else None
-    filepath, overwrite = task.args[0], task.kwargs.get("overwrite", True)
-    if isinstance(known, Template) and known.fits(snapshot.arrays()):
-        with atomic_path(save_target(filepath, overwrite)) as tmp:
-            known.write(tmp, snapshot.arrays())
-        return FAST
-    if isinstance(known, str):
-        reason = known  # Learning showed this layout cannot be copied.
-    elif form:
-        reason = _FIRST if known is None else _CONFIG
-    model = shadow.apply(snapshot)
+    return _save(shadow, task.name, task.args, task.kwargs, task.fast,
+                 _State(snapshot.level, snapshot.layout.signature,
+                        snapshot.arrays, lambda: shadow.apply(snapshot)))
 
-    def learn(tmp: str) -> None:
-        assert form is not None
-        try:
-            shadow.templates[key] = _learn(form, tmp, model, snapshot)
-        except CannotCopySave as exc:
-            shadow.templates[key] = f"keras: {exc}"
 
-    save_atomically(model, task.name, task.args, task.kwargs,
-                    then=learn if form and not isinstance(known, str)
-                    else None)
-    learned = shadow.templates.get(key) if form else None
-    return learned if isinstance(learned, str) else reason
+def route_saves(shadow: Shadow, fast: bool, paths: list[str]) -> None:
+    """Makes the shadow model's `save` and `save_weights` (an offloaded
+    callback saving `self.model`) atomic and fast as a checkpoint's are,
+    from the state the shadow holds (which the callback may have
+    changed); each save's path is appended to `paths`."""
+    model = shadow.get()
+
+    def own_state() -> _State:
+        variables = state_variables(model, StateLevel.FULL)
+        return _State(StateLevel.FULL, variables_signature(variables),
+                      lambda: [host_array(v.value.read_value())
+                               for v in variables],
+                      lambda: model)
+
+    def saver(method: str) -> Callable[..., None]:
+        def save_own(*args: Any, **kwargs: Any) -> None:
+            paths.append(_save(shadow, method, args, kwargs, fast,
+                               own_state()))
+        save_own.__doc__ = getattr(type(model), method).__doc__
+        return save_own
+
+    for method in ("save", "save_weights"):
+        # An instance attribute, past Keras' tracking `__setattr__`.
+        object.__setattr__(model, method, saver(method))

@@ -193,10 +193,10 @@ class Lane:
 
     def _finish(self, task: Task, start: float, effects: dict) -> None:
         self.worker_time.add(task.name, time.perf_counter() - start)
-        save_path = effects.pop("save_path", None)
-        if save_path is not None:
+        save_paths = effects.pop("save_paths", ())
+        if save_paths:
             with self._save_paths_lock:
-                self.save_paths[save_path] += 1
+                self.save_paths.update(save_paths)
         if effects:
             self.effects.append(effects)
         self.completed += 1

@@ -95,16 +95,15 @@ def _own_saving_code(model: Any) -> str | None:
     inner = getattr(optimizer, "inner_optimizer", None)
     saveables = [model, *model._flatten_layers(include_self=False),
                  optimizer, inner]
-    methods = {model: ("save", "save_weights")}
-    for saveable in saveables:
-        if saveable is None:
-            continue
-        for method in ("save_own_variables", "save_assets",
-                       *methods.get(saveable, ())):
-            code = getattr(type(saveable), method, None)
+    methods = ("save_own_variables", "save_assets")
+    checks = [(model, ("save", "save_weights"))] + [
+        (saveable, methods) for saveable in saveables if saveable is not None]
+    for saveable, names in checks:
+        for name in names:
+            code = getattr(type(saveable), name, None)
             if code is not None and not getattr(
                     code, "__module__", "").startswith("keras."):
-                return f"{type(saveable).__name__}.{method}"
+                return f"{type(saveable).__name__}.{name}"
     return None
 
 

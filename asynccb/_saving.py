@@ -141,7 +141,10 @@ def save_atomically(model: Any, method: str, args: tuple, kwargs: dict,
     kwargs = dict(kwargs)
     filepath = save_target(filepath, kwargs.pop("overwrite", True))
     with atomic_path(filepath) as tmp:
-        getattr(model, method)(tmp, *rest, overwrite=True, **kwargs)
+        # The class' method: the instance's may be asynccb's own
+        # (`asynccb._fast_saves.route_saves`), which calls this.
+        getattr(type(model), method)(model, tmp, *rest, overwrite=True,
+                                     **kwargs)
         if then is not None:
             then(tmp)
 

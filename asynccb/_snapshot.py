@@ -35,6 +35,7 @@ __all__ = [
     "Snapshot",
     "allocate_held",
     "allocate_private",
+    "host_array",
     "state_variables",
     "variables_signature",
 ]
@@ -97,7 +98,7 @@ def state_variables(model: Any, level: StateLevel) -> list[Any]:
     return list(model.weights) + scalars
 
 
-def _host_array(tensor: Any) -> np.ndarray:
+def host_array(tensor: Any) -> np.ndarray:
     """A read-only host view of `tensor`, without a copy.
 
     On TensorFlow, reading a resource variable gives a tensor that aliases
@@ -185,7 +186,7 @@ class StateLayout:
         slots = []
         offset = 0
         for value in self._read():
-            array = _host_array(value)
+            array = host_array(value)
             slot = _Slot(offset, array.shape, array.dtype, array.nbytes)
             slots.append(slot)
             offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
@@ -204,13 +205,13 @@ class StateLayout:
     def capture(self, buffer: "Buffer") -> None:
         """Copies the variables' current values into `buffer`."""
         for value, view in zip(self._read(), buffer.views(self.spec)):
-            np.copyto(view, _host_array(value), casting="no")
+            np.copyto(view, host_array(value), casting="no")
 
     def hold(self) -> list[np.ndarray]:
         """The variables' current values, without a copy: read-only views of
         the tensors read, which TensorFlow leaves as they are (see the
         module's docstring). Device memory is copied to the host."""
-        return [_host_array(value) for value in self._read()]
+        return [host_array(value) for value in self._read()]
 
 
 class Buffer:

@@ -11,7 +11,7 @@ import numpy as np
 
 from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
-from asynccb._fast_saves import save
+from asynccb._fast_saves import route_saves, save
 from asynccb._shadow import ModelBlueprint, Shadow, shared_shadow
 from asynccb._snapshot import Snapshot
 
@@ -97,6 +97,8 @@ class TaskRunner:
         self.capacity = 1  # Unused: it maps no buffers (see `Runner`).
         self.shadow: Shadow | None = None
         self._published: Any = None  # The shadow the callback was given.
+        self._fast_saves = True
+        self._save_paths: list[str] = []  # Of the callback's own saves.
 
     def _select_shadow(self, task: Task) -> None:
         """Points `shadow` at the one for the task's blueprint."""
@@ -152,7 +154,7 @@ class TaskRunner:
                 # follows it, as it would follow the live model.
                 if getattr(self.callback, "_model", None) is self._published:
                     self.callback._model = model
-                self._published = model
+                self._publish(model)
         if task.kind != "hook" or model is None:
             return None
         return (bool(getattr(model, "stop_training", False)),
@@ -167,11 +169,12 @@ class TaskRunner:
         if task.kind in _SETUP:
             model = self.shadow.model if self.shadow is not None else None
             if self.callback is not None:
+                self._fast_saves = task.fast
+                self._publish(model)
                 if task.kind == "set_model":
                     self.callback.set_model(model)
                 else:
                     self.callback._model = model
-                self._published = model
             return None
         if task.kind == "set_params":
             if self.callback is not None:
@@ -182,13 +185,27 @@ class TaskRunner:
             return save(self.shadow, task)
         return call_hook(self.callback, task.name, task.args, task.logs)
 
+    def _publish(self, model: Any) -> None:
+        """Gives the callback's shadow asynccb's saves (atomic, fast)."""
+        if model is not None and self.shadow is not None:
+            route_saves(self.shadow, self._fast_saves, self._save_paths)
+        self._published = model
+
     def effects(self, task: Task, before: Any) -> dict[str, Any]:
-        """The control effects the task made on the shadow.
+        """The control effects the task made on the shadow, and the paths
+        its saves of the shadow took (`save_paths`).
 
         Raises:
             ControlFromWorkerError: If there are effects and the callback
                 was not wrapped with `deferred_control=True`.
         """
+        paths, self._save_paths[:] = list(self._save_paths), []
+        found = self._control_effects(task, before)
+        if paths:
+            found["save_paths"] = paths
+        return found
+
+    def _control_effects(self, task: Task, before: Any) -> dict[str, Any]:
         if before is None or self.shadow is None:
             return {}
         model = self.shadow.model
@@ -215,7 +232,7 @@ class TaskRunner:
 
     def run(self, task: Task) -> dict[str, Any]:
         """Prepares, invokes and checks a synchronous task; returns its
-        control effects, and for a save the path it took (`save_path`).
+        control effects, and the paths its saves took (`save_paths`).
 
         A shared shadow is held for the whole task: another lane may not
         copy its snapshot in while this one saves. (Only lanes that save
@@ -227,8 +244,8 @@ class TaskRunner:
             before = self._prepare(task)
             result = self.invoke(task)
             effects = self.effects(task, before)
-        if task.kind == "save":
-            effects["save_path"] = result  # Counted in the lane's stats.
+        if task.kind == "save":  # Counted in the lane's stats.
+            effects.setdefault("save_paths", []).append(result)
         return effects
 
     def close(self) -> None:

@@ -228,3 +228,44 @@ def test_other_formats_are_saved_by_keras(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01.h5", "02.h5"]
     assert checkpoint.stats().save_paths == {
         "keras: a format other than .keras and .weights.h5": 2}
+
+
+class SavesItsModel(keras.callbacks.Callback):
+    """Saves `self.model` in both formats at each epoch's end, after
+    zeroing its output bias if `zero_bias`."""
+
+    def __init__(self, directory, zero_bias=False):
+        super().__init__()
+        self.directory, self.zero_bias = directory, zero_bias
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.zero_bias:
+            bias = self.model.layers[-1].bias
+            bias.assign(np.zeros(bias.shape, "float32"))
+        self.model.save(self.directory / f"{epoch:02d}.keras")
+        self.model.save_weights(self.directory / f"{epoch:02d}.weights.h5")
+
+
+@pytest.mark.parametrize("executor_", ["thread", "process"])
+def test_a_callbacks_own_saves_of_its_model_are_fast(tmp_path, executor_):
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    wrapper = AsyncCallback(SavesItsModel(ours), executor=executor_)
+    x, y = mnist_like(64)
+    make_model("functional").fit(x, y, epochs=3, **FIT, callbacks=[
+        SavesItsModel(keras_dir), wrapper])
+    assert len(assert_keras_files(keras_dir, ours)) == 6
+    assert wrapper.stats().save_paths == {FIRST: 2, FAST: 4}
+
+
+def test_a_callbacks_own_save_writes_what_its_model_holds(tmp_path):
+    wrapper = AsyncCallback(SavesItsModel(tmp_path, zero_bias=True),
+                            executor="thread")
+    x, y = mnist_like(64)
+    model = make_model("functional")
+    model.fit(x, y, epochs=3, **FIT, callbacks=[wrapper])
+    assert wrapper.stats().save_paths == {FIRST: 2, FAST: 4}
+    assert np.any(model.layers[-1].bias.numpy())  # The live one is not.
+    for name in sorted(p.name for p in tmp_path.iterdir()):
+        tensors = checkpoint_tensors(tmp_path / name)
+        assert not np.any(tensors["layers/dense_1/vars/1"]), name
