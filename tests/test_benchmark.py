@@ -200,7 +200,10 @@ def test_tiny_save_cost(tmp_path):
             by_name = {v["name"]: v for v in part["variants"]}
             assert sorted(by_name) == sorted(variants), form
             for name, variant in by_name.items():
-                assert math.isfinite(variant["over_raw_write"]), (form, name)
+                # (Over the raw write variant's cost, which a tiny run may
+                # measure as nothing: nan.)
+                assert math.isfinite(variant["over_raw_write_apart"]), (
+                    form, name)
                 assert math.isfinite(variant["cpu_per_checkpoint_s"])
                 assert variant["wall_vs_none"] > 0
                 expected = 0 if name == "none" else row["saves"]

@@ -269,3 +269,53 @@ def test_a_callbacks_own_save_writes_what_its_model_holds(tmp_path):
     for name in sorted(p.name for p in tmp_path.iterdir()):
         tensors = checkpoint_tensors(tmp_path / name)
         assert not np.any(tensors["layers/dense_1/vars/1"]), name
+
+
+def _learning_inputs(tmp_path):
+    from asynccb._save_sources import dataset_slots
+    from asynccb._snapshot import (
+        StateLayout,
+        StateLevel,
+        allocate_private,
+        state_variables,
+    )
+
+    model = make_model("functional")
+    x, y = mnist_like(64)
+    model.fit(x, y, epochs=1, **FIT)
+    variables = state_variables(model, StateLevel.FULL)
+    layout = StateLayout(StateLevel.FULL, variables)
+    buffer = allocate_private(layout.nbytes)
+    layout.capture(buffer)
+    path = tmp_path / "model.weights.h5"
+    model.save_weights(path)
+    return (str(path), dataset_slots(model, variables),
+            buffer.views(layout.spec))
+
+
+def test_learning_proves_the_file_holds_the_snapshot(tmp_path):
+    """Learning refuses a file it could not rewrite exactly: a dataset
+    stored otherwise than Keras stores it (compressed), or bytes that are
+    not the snapshot's (a writer that transforms values)."""
+    import h5py
+
+    from asynccb._errors import CannotCopySave
+    from asynccb._file_template import learn_weights_file
+
+    path, slots, arrays = _learning_inputs(tmp_path)
+    template = learn_weights_file(path, slots, arrays)  # As Keras wrote it.
+    rewritten = tmp_path / "rewritten.weights.h5"
+    template.write(str(rewritten), arrays)
+    assert rewritten.read_bytes() == Path(path).read_bytes()
+
+    name = "layers/dense/vars/0"
+    with h5py.File(path, "r+") as h5file:
+        data = h5file[name][()]
+        h5file[name][...] = data + 1  # Not the snapshot's values.
+    with pytest.raises(CannotCopySave, match="are not the snapshot's"):
+        learn_weights_file(path, slots, arrays)
+    with h5py.File(path, "r+") as h5file:
+        del h5file[name]
+        h5file.create_dataset(name, data=data, compression="gzip")
+    with pytest.raises(CannotCopySave, match="chunked or filtered"):
+        learn_weights_file(path, slots, arrays)
