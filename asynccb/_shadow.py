@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import keras
+import numpy as np
 
 from asynccb._snapshot import (
     LayoutSpec,
@@ -89,6 +90,14 @@ def _compile(model: Any, compile_config: dict, optimizer_built: bool) -> None:
 def _variable_count(model: Any) -> int:
     optimizer = getattr(model, "optimizer", None)
     return len(model.weights) + (len(optimizer.variables) if optimizer else 0)
+
+
+def _state_nbytes(model: Any) -> int:
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.weights) + (list(optimizer.variables)
+                                       if optimizer else [])
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+               for v in variables)
 
 
 def _unserializable_layer(model: Any) -> Any:
@@ -231,6 +240,7 @@ class Shadow:
         self.blueprint = blueprint
         self.shared = shared
         self.model: Any = None
+        self.nbytes = 0  # Of its state, once built.
         self.lock = threading.Lock()
         self._signatures: dict[int, tuple] = {}
         self._holding: int | None = None  # The serial of the last snapshot.
@@ -242,6 +252,7 @@ class Shadow:
         """The shadow model, built on first use."""
         if self.model is None:
             self.model = self.blueprint.build()
+            self.nbytes = _state_nbytes(self.model)
         return self.model
 
     def apply(self, snapshot: Snapshot | SnapshotRef) -> Any:

@@ -326,3 +326,24 @@ def test_a_held_snapshot_stays_the_state_at_dispatch(executor_):
         np.testing.assert_array_equal(got, want)
     # Workers in this process hold what TensorFlow read: nothing copied.
     assert wrapper._dispatcher.snapshot_bytes == 0
+
+
+class RemembersItsModel(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        import weakref
+
+        self.shadow = weakref.ref(self.model)
+
+
+def test_a_large_shadow_is_freed_when_its_run_ends(monkeypatch):
+    """A Keras model holds reference cycles: without a collection at the
+    end of the run, its shadow's memory would wait for Python's cycle
+    collector (each run of a large model would add one)."""
+    import asynccb._tasks
+
+    monkeypatch.setattr(asynccb._tasks, "COLLECT_SHADOWS_FROM", 0)
+    remembers = RemembersItsModel()
+    x, y = mnist_like(64)
+    make_model().fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[
+        AsyncCallback(remembers, executor="thread", state="weights")])
+    assert remembers.shadow() is None
