@@ -55,3 +55,27 @@ def test_pool_retires_buffers_that_no_longer_fit():
     assert small.nbytes == 0  # Freed, not kept beside the larger one.
     pool.release(large)
     pool.close()
+
+
+def test_a_closed_lane_gives_its_mappings_back():
+    """A warm worker maps each run's snapshot segments; a lane that closes
+    takes its share back, so the segments of runs gone are unmapped (an
+    unlinked segment stays in memory while mapped)."""
+    from asynccb._executors.process.shared_memory import (
+        SharedBuffers,
+        allocate_shared,
+    )
+
+    buffers = SharedBuffers(0)
+    segments = [allocate_shared(4096) for _ in range(3)]
+    try:
+        buffers.grow(3)  # A lane opens: its pool's buffers, plus one.
+        views = [buffers.array(segment.name, 16) for segment in segments]
+        assert len(buffers._mapped) == 3
+        del views  # The lane's tasks are done with them.
+        buffers.shrink(3)  # The lane closes.
+        assert len(buffers._mapped) == 0
+    finally:
+        for segment in segments:
+            segment.free()
+        buffers.close()

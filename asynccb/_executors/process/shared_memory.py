@@ -66,7 +66,10 @@ class SharedBuffers:
     Args:
         capacity: How many mappings to keep; the least recently used one is
             closed beyond that (the pools never have more buffers alive).
-            Lanes add their share as they open (`grow`).
+            Lanes add their share as they open (`grow`) and take it back
+            as they close (`shrink`): a warm worker serves run after run,
+            and each run's buffers are new segments, which stay in memory
+            while mapped here.
     """
 
     def __init__(self, capacity: int):
@@ -77,6 +80,14 @@ class SharedBuffers:
     def grow(self, capacity: int) -> None:
         with self._lock:
             self.capacity += capacity
+
+    def shrink(self, capacity: int) -> None:
+        """Takes back a closed lane's share, closing the least recently
+        used mappings beyond what is left."""
+        with self._lock:
+            self.capacity -= capacity
+            while len(self._mapped) > self.capacity:
+                self._close(self._mapped.popitem(last=False)[1])
 
     def array(self, name: str, nbytes: int) -> np.ndarray:
         """The first `nbytes` of segment `name`, as a uint8 array."""

@@ -79,6 +79,7 @@ class _Lane:
         self.number = number
         self.runner = TaskRunner(None, open_.deferred_control)
         self.buffers = buffers  # The worker's mappings, shared.
+        self.capacity = open_.capacity
         buffers.grow(open_.capacity)
         self.blueprint_data: bytes | None = None
         self.blueprint: Any = None  # Loaded when first needed.
@@ -92,9 +93,11 @@ class _Lane:
         self._inbox.put(message)
 
     def close(self) -> None:
-        """Ends its thread once the messages before this one are done."""
+        """Ends its thread once the messages before this one are done, and
+        gives back its share of the worker's mappings."""
         self._inbox.put(None)
         self._thread.join()
+        self.buffers.shrink(self.capacity)
 
     def _serve(self) -> None:
         try:
