@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 from artifacts import assert_same_checkpoints, checkpoint_tensors
 from conftest import make_model, mnist_like
+# A layer whose `save_own_variables` is its own code (without its signals,
+# it saves as Keras' does), and a small model around a layer.
+from test_process import SlowToSave, _model
 
 from asynccb import AsyncCallback
 
@@ -161,29 +164,6 @@ def test_a_changed_learning_rate_is_in_the_config_written(tmp_path):
         FAST: 1}
 
 
-class SavesItsOwnWay(keras.layers.Layer):
-    """A layer whose `save_own_variables` is its own code."""
-
-    def build(self, input_shape):
-        self.gain = self.add_weight(shape=(input_shape[-1],),
-                                    initializer="ones")
-
-    def call(self, inputs):
-        return inputs * self.gain
-
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-
-
-def _with_layer(layer):
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((784,)), layer,
-                              keras.layers.Dense(10)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
-    return model
-
-
 def _lora_dense():
     layer = keras.layers.Dense(8, name="lora")
     layer.build((None, 784))
@@ -192,9 +172,9 @@ def _lora_dense():
 
 
 @pytest.mark.parametrize("case,make_model_,fast_saves,reason", [
-    ("own save code", lambda: _with_layer(SavesItsOwnWay()), True,
-     "keras: SavesItsOwnWay.save_own_variables is not Keras' own"),
-    ("LoRA kernel", lambda: _with_layer(_lora_dense()), True,
+    ("own save code", lambda: _model(SlowToSave()), True,
+     "keras: SlowToSave.save_own_variables is not Keras' own"),
+    ("LoRA kernel", lambda: _model(_lora_dense()), True,
      "keras: layers/dense/vars/0 (of 'lora') holds a value computed while "
      "saving, not a copy of a variable"),
     ("switched off", lambda: make_model("sequential"), False,
