@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-import weakref
 from typing import Any
 
 import keras
@@ -14,11 +14,17 @@ from asynccb._hooks import call_hook, effective_hooks
 from asynccb._lane import Lane
 from asynccb._options import (
     DEFAULT_MAX_PENDING,
+    DEFAULT_EXIT_GRACE,
     DEFAULT_MAX_SNAPSHOTS,
     Options,
     check_callback,
 )
-from asynccb._roles import StateSpec, default_executor, is_control
+from asynccb._roles import (
+    StateSpec,
+    default_executor,
+    is_control,
+    model_changing_hooks,
+)
 from asynccb._saving import OffloadedSavesModel
 from asynccb._snapshot import StateLevel
 from asynccb._stats import CallbackStats
@@ -55,8 +61,9 @@ class AsyncCallback(keras.callbacks.Callback):
             `"async"` (a task in an anyio event loop; `async def` hooks are
             awaited there, plain ones run on a thread of the callback's
             own).
-            Defaults to `"process"` for a ModelCheckpoint and `"thread"`
-            for anything else (see the README's benchmark).
+            Defaults to `"process"` for a ModelCheckpoint or a
+            BackupAndRestore (their saves) and `"thread"` for anything
+            else (see the README's benchmark).
         max_pending: The most hooks that may wait in its queue.
         on_full: What a hook does when the queue (or the pool of snapshot
             buffers) is full: `"block"` waits for the worker (lossless),
@@ -82,6 +89,16 @@ class AsyncCallback(keras.callbacks.Callback):
             for about the cost of one copy of its bytes. `False` sends
             every save through Keras' writer. `stats()` counts each save's
             path and why Keras' was needed.
+        exit_grace: When a run ends early (SIGTERM, an exception or
+            `sys.exit` from a callback, Ctrl-C, interpreter exit with a run
+            open), the hooks already accepted are still run, for at most
+            this many seconds; what is left then is listed on stderr (the
+            files already written are intact).
+        handle_sigterm: While a run is active (started on the main
+            thread), SIGTERM first finishes the accepted hooks (within
+            `exit_grace`), then takes its course: the previous handler is
+            called if there was one, else the process ends with SIGTERM's
+            status. `False` leaves SIGTERM alone.
 
     Example:
 
@@ -107,6 +124,8 @@ class AsyncCallback(keras.callbacks.Callback):
         deferred_control: bool = False,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
         fast_saves: bool = True,
+        exit_grace: float = DEFAULT_EXIT_GRACE,
+        handle_sigterm: bool = True,
     ):
         options = Options(
             executor=executor,
@@ -114,6 +133,8 @@ class AsyncCallback(keras.callbacks.Callback):
             on_full=on_full,
             max_snapshots=max_snapshots,
             fast_saves=fast_saves,
+            exit_grace=exit_grace,
+            handle_sigterm=handle_sigterm,
         )
         self._setup(callback, options, state, deferred_control)
 
@@ -178,10 +199,10 @@ class AsyncCallback(keras.callbacks.Callback):
         )
         if not self._lane.saves_only:
             kind.check(callback)  # Fails now if it cannot run there.
-        self._dispatcher = Dispatcher(options.max_snapshots)
+        self._dispatcher = Dispatcher(options)
         self._dispatcher.add_lane(self._lane)
         self._owns_dispatcher = True
-        weakref.finalize(self, self._dispatcher.close)
+        self._dispatcher.close_with(self)
 
     def __repr__(self) -> str:
         return (
@@ -231,9 +252,15 @@ class AsyncCallback(keras.callbacks.Callback):
             lane.summaries.close()  # Keras' TensorBoard starts afresh too.
         if self._owns_dispatcher:
             self._dispatcher.set_model(model)
+        if not lane.here:  # Another worker's than the chief's: its hooks
+            lane.attached = True  # run inline if they must, else nowhere.
+            if lane.inline_everywhere:
+                self.callback.set_model(model)
+            return
         if lane.saves_only:
             lane.offloaded_model = OffloadedSavesModel(model, self._submit_save)
             self.callback.set_model(lane.offloaded_model)
+            lane.offload_saves()
         else:
             lane.runner.prepare_callback()  # Before training: may raise.
         lane.attached = True
@@ -242,7 +269,10 @@ class AsyncCallback(keras.callbacks.Callback):
 
     def set_params(self, params: Any) -> None:
         super().set_params(params)
-        if self._lane.saves_only:
+        if not self._lane.here:
+            if self._lane.inline_everywhere:
+                self.callback.set_params(params)
+        elif self._lane.saves_only:
             self.callback.set_params(params)
         else:
             self._dispatcher.submit(
@@ -257,13 +287,28 @@ class AsyncCallback(keras.callbacks.Callback):
 
     # Dispatch.
 
+    @functools.cached_property
+    def inline_changing_hooks(self) -> frozenset[str]:
+        """The hooks it runs inline (a saves-only callback runs all but
+        its saves) that may change the model's variables: BackupAndRestore
+        restores at `on_train_begin`."""
+        if self._lane.saves_only:
+            return model_changing_hooks(self.callback)
+        return frozenset()
+
     def dispatch(self, hook: str, args: tuple, logs: Any) -> None:
         """Sends one hook call to the worker (or, for saves-only callbacks,
         runs its decision inline). Used as is by `AsyncCallbackList`."""
         lane = self._lane
+        if not lane.here:
+            if hook in lane.inline_everywhere:
+                call_hook(self.callback, hook, args, logs)
+            return
         if lane.summaries is not None:
             lane.summaries.hook(hook)
         if lane.saves_only:
+            if hook in lane.waits_for_saves:
+                self._dispatcher.finish_lane(lane)
             call_hook(self.callback, hook, args, logs)
         elif hook in lane.hooks:
             level = lane.needs(hook, args)

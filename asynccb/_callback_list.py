@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-import weakref
 from typing import Any
 
 import keras
@@ -16,6 +15,7 @@ from asynccb._dispatcher import Dispatcher
 from asynccb._hooks import call_hook
 from asynccb._options import (
     DEFAULT_MAX_PENDING,
+    DEFAULT_EXIT_GRACE,
     DEFAULT_MAX_SNAPSHOTS,
     Options,
     check_callback,
@@ -101,6 +101,11 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             all offloaded callbacks of the list.
         fast_saves: Whether the saves of the callbacks it offloads may be
             written straight from snapshots (see `AsyncCallback`).
+        exit_grace: The most seconds a run ending early (SIGTERM, an
+            exception, `sys.exit`, Ctrl-C, interpreter exit) spends
+            finishing the hooks it accepted (see `AsyncCallback`).
+        handle_sigterm: Whether a SIGTERM during a run finishes the
+            accepted hooks before taking its course (see `AsyncCallback`).
         **params: Parameters passed to each callback via `set_params`.
 
     Example:
@@ -131,6 +136,8 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         on_full: str = "block",
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
         fast_saves: bool = True,
+        exit_grace: float = DEFAULT_EXIT_GRACE,
+        handle_sigterm: bool = True,
         **params: Any,
     ):
         check_choice("offload", offload, ("auto", "explicit"))
@@ -141,8 +148,10 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             on_full=on_full,
             max_snapshots=max_snapshots,
             fast_saves=fast_saves,
+            exit_grace=exit_grace,
+            handle_sigterm=handle_sigterm,
         )
-        self._dispatcher = Dispatcher(self._options.max_snapshots)
+        self._dispatcher = Dispatcher(self._options)
         self._sync_times: dict[int, tuple[Any, SampleMap]] = {}
         self._changing: dict[int, frozenset] = {}
         self._warned: set[int] = set()
@@ -152,7 +161,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         self._epoch_s = 0.0
         callbacks = [self._adopt(cb) for cb in tree.flatten(callbacks or [])]
         super().__init__(callbacks, add_history, add_progbar, model, **params)
-        weakref.finalize(self, self._dispatcher.close)
+        self._dispatcher.close_with(self)
 
     # Membership.
 
@@ -228,6 +237,8 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
             for callback in self.callbacks:
                 if self._is_offloaded(callback):
                     callback.dispatch(hook, args, logs)
+                    if hook in callback.inline_changing_hooks:
+                        dispatcher.end_dispatch()  # As below.
                     continue
                 start = time.perf_counter()
                 call_hook(callback, hook, args, logs)

@@ -33,7 +33,10 @@ class Channel:
         self._closed = False
         self._waker: Callable[[], object] | None = None
         self._producer_blocked = False
-        self._cond = threading.Condition()
+        # Reentrant: a SIGTERM handler on the training thread may wake
+        # the waits (`interrupt`) while that thread is inside a method.
+        # (`Condition()` makes an RLock too; said here as it matters.)
+        self._cond = threading.Condition(threading.RLock())
 
     # Producer side (training thread).
 
@@ -41,6 +44,7 @@ class Channel:
         self,
         policy: str,
         interrupted: Callable[[], bool],
+        deadline: Callable[[], float | None] = lambda: None,
     ) -> tuple[float, list[Any]]:
         """Ensures one more item fits, as `policy` says.
 
@@ -52,6 +56,9 @@ class Channel:
                 every policy waits.
             interrupted: Checked while blocked; when it returns true the wait
                 ends early (a worker failed and the caller will raise).
+            deadline: The `time.monotonic()` time the wait ends at, asked
+                again at each wake (`None`: no bound); then there may be
+                no room (see `has_room`).
 
         Returns:
             The seconds spent blocked, and the items dropped.
@@ -66,13 +73,16 @@ class Channel:
                     self._unfinished -= 1
                     dropped.append(victim)
                 else:
-                    if interrupted():
+                    due = deadline()
+                    if interrupted() or (
+                            due is not None and time.monotonic() >= due):
                         break
                     start = time.perf_counter()
                     self._producer_blocked = True
                     self._cond.notify_all()  # For `wait_producer_blocked`.
                     try:
-                        self._cond.wait()
+                        self._cond.wait(
+                            None if due is None else due - time.monotonic())
                     finally:
                         self._producer_blocked = False
                     blocked += time.perf_counter() - start
@@ -100,6 +110,11 @@ class Channel:
                     self._cond.notify_all()
                     return item
         return None
+
+    def has_room(self) -> bool:
+        """Whether one more item fits in the bound."""
+        with self._cond:
+            return len(self._items) < self.capacity
 
     def put(self, item: Any) -> None:
         """Appends `item`; call `make_room` first to respect the bound."""
@@ -137,14 +152,40 @@ class Channel:
             self._cond.notify_all()
         return items
 
-    def join(self, interrupted: Callable[[], bool] = lambda: False) -> None:
-        """Waits until every item put so far is done (or `interrupted`)."""
+    def join(
+        self,
+        interrupted: Callable[[], bool] = lambda: False,
+        deadline: Callable[[], float | None] = lambda: None,
+    ) -> bool:
+        """Waits until every item put so far is done, or `interrupted`, or
+        the `time.monotonic()` time `deadline` returns (asked again at each
+        wake: it may appear during the wait).
+
+        Returns:
+            Whether every item is done.
+        """
         with self._cond:
             while self._unfinished > 0 and not interrupted():
-                self._cond.wait()
+                due = deadline()
+                remaining = None if due is None else due - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._producer_blocked = True
+                self._cond.notify_all()  # For `wait_producer_blocked`.
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._producer_blocked = False
+            return self._unfinished == 0
+
+    def pending(self) -> list[Any]:
+        """The items not yet taken, oldest first."""
+        with self._cond:
+            return list(self._items)
 
     def wait_producer_blocked(self, timeout: float | None = None) -> bool:
-        """Waits until the producer is blocked on a full queue.
+        """Waits until the producer is blocked: on a full queue, or
+        waiting for the items put to be done (`join`).
 
         For observing backpressure (tests, monitoring) without polling.
 

@@ -13,8 +13,10 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from asynccb import _preemption
+from asynccb._cluster import is_chief
 from asynccb._feedback import (
     apply_deferred_control,
     log_late_failures,
@@ -23,6 +25,7 @@ from asynccb._feedback import (
 from asynccb._hooks import copy_logs
 from asynccb._lane import Lane
 from asynccb._run_watch import RunWatch, keras_run_frame
+from asynccb._saving import remove_in_progress
 from asynccb._shadow import ModelBlueprint, current_blueprint
 from asynccb._snapshot import StateLevel, allocate_held
 from asynccb._snapshotter import Snapshotter
@@ -31,6 +34,7 @@ from asynccb._tasks import Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
+    from asynccb._options import Options
 
 __all__ = ["Dispatcher"]
 
@@ -48,20 +52,28 @@ class Dispatcher:
     the executors at the first `on_*_begin`, drains and stops them at the
     last `on_*_end`, and raises a lane's failure on the training thread.
 
+    A run that ends early (an exception, Ctrl-C, SIGTERM, interpreter exit)
+    still finishes the hooks it accepted, for at most `exit_grace` seconds.
+
     Args:
-        max_snapshots: How many snapshot buffers may be alive at once.
+        options: The list's (or lone callback's) options: `max_snapshots`,
+            `exit_grace`, `handle_sigterm`.
     """
 
-    def __init__(self, max_snapshots: int):
+    def __init__(self, options: Options):
         self.lanes: list[Lane] = []
         self.model: Any = None
-        self.snapshotter = Snapshotter(max_snapshots)
+        self.chief = True  # Of a cluster: see `asynccb._cluster`.
+        self.grace = options.exit_grace
+        self._handle_sigterm = options.handle_sigterm
+        self.snapshotter = Snapshotter(options.max_snapshots)
         self.pool = self.snapshotter.pool
         self._depth = 0
         self._executors: dict[str, Executor] = {}
         self._running = False
         self._lifecycle = threading.RLock()
         self._watch: RunWatch | None = None
+        self._too_late: list[str] = []  # Hooks SIGTERM's grace refused.
         _live_dispatchers.add(self)
 
     # Configuration.
@@ -73,15 +85,24 @@ class Dispatcher:
             lane.name = f"{base}#{number}"
             number += 1
         lane.on_failure = self._interrupt
+        lane.here = self.chief or lane.on_every_worker
         with self._lifecycle:
             self.lanes.append(lane)
-            if self._running:  # Appended to a list already at work.
+            if self._running and lane.here:  # A list already at work.
                 self._start_lane(lane)
 
     def set_model(self, model: Any) -> None:
+        """Takes the model of the next run (Keras calls this before its
+        begin hook); a run before it whose `fit` raised is closed first,
+        so that nothing of the new run is queued to that run's workers
+        while its watch stops them."""
+        _close_abandoned_runs()
         if model is not self.model:
             self.model = model
             self.snapshotter.forget_layouts()
+            self.chief = is_chief(model)
+            for lane in self.lanes:
+                lane.here = self.chief or lane.on_every_worker
 
     def blueprint(self) -> ModelBlueprint | None:
         """The live model's blueprint, retaken when its variables changed.
@@ -99,8 +120,14 @@ class Dispatcher:
     # Run lifecycle.
 
     def begin(self) -> None:
-        """Enters a run (`on_*_begin`); the outermost starts the workers."""
-        with self._lifecycle:
+        """Enters a run (`on_*_begin`); the outermost starts the workers.
+
+        A run before it whose Keras `fit` raised past its end hook is
+        closed first, if its watch has not yet: the new run (a resumed
+        fit restoring from a backup) comes after that run's saves.
+        """
+        _close_abandoned_runs()
+        with _preemption.busy(), self._lifecycle:
             self._depth += 1
             if self._depth == 1:
                 for lane in self.lanes:
@@ -116,7 +143,7 @@ class Dispatcher:
         Raises:
             AsyncCallbackError: If an offloaded hook failed.
         """
-        with self._lifecycle:
+        with _preemption.busy(), self._lifecycle:
             if self._depth == 0:
                 raise ValueError(
                     "`on_*_end` called without a matching `on_*_begin`."
@@ -124,27 +151,32 @@ class Dispatcher:
             self._depth -= 1
             if self._depth == 0:
                 self.close()
-        self.raise_failure()
+            self.raise_failure()
 
     def start(self) -> None:
         """Starts a worker per lane; hooks queued before wait for it."""
-        with self._lifecycle:
+        with _preemption.busy(), self._lifecycle:
             if self._running:
                 return
             self._running = True
+            if self._handle_sigterm:
+                _preemption.run_started(self)
             # Snapshots hold tensors, unless a lane's workers are in
             # another process (see `_start_lane`).
             self.pool.use(allocate_held)
             for lane in self.lanes:
-                self._start_lane(lane)
+                if lane.here:
+                    self._start_lane(lane)
 
     def _attach(self, lane: Lane) -> None:
         # A list reused for another run: Keras does not call `set_model`
         # again, but the callbacks got their live model back at the end of
         # the last run; give them their offloaded model again, silently.
         lane.attached = True
+        if not lane.here:
+            return  # The chief's work: nothing to give back here.
         if lane.saves_only:
-            lane.callback._model = lane.offloaded_model
+            lane.offload_saves()
         else:
             lane.runner.prepare_callback()
             self.submit(lane, "attach", "attach", level=lane.setup_level)
@@ -164,46 +196,167 @@ class Dispatcher:
             executor = self._executors[kind.name] = kind()
         executor.start(lane)
 
-    def close(self, cancel: bool = False) -> None:
-        """Finishes (or, with `cancel`, discards) queued hooks and stops.
+    def close(self, grace: float | None = None, exiting: bool = False) -> None:
+        """Finishes the accepted hooks and stops the workers.
 
         Afterwards no worker of this dispatcher runs, every snapshot buffer
         is freed, and each callback has its live model back.
+
+        Args:
+            grace: `None` at a run's normal end: every queued hook runs.
+                For a run ending early, the most seconds to wait; then the
+                hooks not started are discarded and listed (see
+                `give_up`), and the running ones waited for.
+            exiting: The interpreter is exiting: past the grace, the
+                running hooks are not waited for either.
         """
-        with self._lifecycle:
+        with _preemption.busy(), self._lifecycle:
             if not self._running:
                 return
             self.snapshotter.end_window()
+            stopping = True
             try:
-                self._stop_workers(cancel)
+                left = self.finish(grace)
+                if left and _preemption.deadline(self) is not None:
+                    # SIGTERM: its handler gives up on these and ends the
+                    # process, without waiting for the running hooks.
+                    stopping = False
+                    return
+                # At a normal end `left` is only a failed lane's last
+                # task, on its way out: the workers' stop waits for it.
+                if left and grace is not None:
+                    why = "interpreter exit" if exiting else "an exception"
+                    self.give_up(left, why, ending=exiting)
+                    if exiting:
+                        stopping = False
+                        return
+                self._stop_workers()
             except BaseException:
-                # Interrupted while waiting (Ctrl-C): stop without waiting
-                # for the queues, only for the hooks already running.
-                self._stop_workers(cancel=True)
+                # Interrupted while waiting (Ctrl-C again): discard what
+                # has not started, wait only for what is running.
+                self.give_up(self.unfinished(), "a second interrupt")
+                self._stop_workers()
                 raise
             finally:
-                for lane in self.lanes:
-                    lane.restore()
-                self.snapshotter.close()  # Its layouts stay, for the next.
-                self._depth = 0
-                self._running = False
-                if self._watch is not None:
-                    self._watch.stop()
-                    self._watch = None
+                if stopping:
+                    self._stopped()
 
-    def _stop_workers(self, cancel: bool) -> None:
+    def close_with(self, owner: object) -> None:
+        """Closes a run left open (no `on_*_end`) when `owner`, the list
+        or callback, is collected; at interpreter exit `_close_all` does,
+        as an exit."""
+        finalizer = weakref.finalize(owner, self.close, self.grace)
+        finalizer.atexit = False
+
+    def _stopped(self) -> None:
         for lane in self.lanes:
-            if cancel:
-                lane.cancel_pending()
+            lane.restore()
+        self.snapshotter.close()  # Its layouts stay, for the next.
+        self._depth = 0
+        self._running = False
+        _preemption.run_ended(self)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _stop_workers(self) -> None:
+        for lane in self.lanes:
             lane.channel.close()
         for executor in list(self._executors.values()):
             executor.stop()
         self._executors.clear()
 
+    def finish(self, grace: float | None = None) -> list[str]:
+        """Waits until every accepted hook has run, for at most `grace`
+        seconds (`None`: no bound) and never past a SIGTERM's grace.
+
+        Returns:
+            What is not done when the time runs out (empty if all is).
+        """
+        limit = None if grace is None else time.monotonic() + grace
+
+        def deadline() -> float | None:
+            preempted = _preemption.deadline(self)
+            if preempted is None or limit is None:
+                return limit if preempted is None else preempted
+            return min(limit, preempted)
+
+        with _preemption.busy():
+            for lane in self.lanes:  # Past the deadline, each returns at once.
+                lane.channel.join(interrupted=_failed(lane), deadline=deadline)
+        return self.unfinished()
+
+    def finish_lane(self, lane: Lane) -> None:
+        """Waits until `lane` has done what it accepted (a saves-only
+        callback's inline hook that reads or removes its files).
+
+        Raises:
+            AsyncCallbackError: If an offloaded hook failed.
+        """
+        with _preemption.busy():
+            lane.channel.join(interrupted=_failed(lane),
+                              deadline=self._sigterm_deadline)
+        self.check()
+
+    def unfinished(self) -> list[str]:
+        """What the lanes accepted and have not done, each named; then the
+        hooks that came too late to be accepted (see `_submit`)."""
+        return [f"{lane.name}: {task}" for lane in self.lanes
+                for task in lane.unfinished()] + self._too_late
+
+    def give_up(self, left: list[str], why: str, ending: bool = False
+                ) -> None:
+        """Discards the hooks not started and lists `left` on stderr (a
+        run ended by `why` whose grace ran out).
+
+        Args:
+            left: What is not done, from `finish`.
+            why: What ended the run, for the message.
+            ending: The process is ending (its caller then removes the
+                temporary files of the saves still being written, once
+                every run has given up: see `remove_in_progress`).
+        """
+        for lane in self.lanes:
+            lane.cancel_pending()
+        if ending:
+            # The buffers no running hook holds: their shared memory goes
+            # now, not when the resource tracker finds it left over.
+            self.snapshotter.close()
+        if left:
+            logger.error(
+                "asynccb: the run ended by %s; after %.1f s (exit_grace) "
+                "this was not done: %s. The files already written are "
+                "intact.", why, self.grace, "; ".join(left))
+
+    def wake(self) -> None:
+        """Wakes the training thread's waits (for room in a queue, for a
+        snapshot buffer), so that they look at their deadline (a SIGTERM
+        arrived)."""
+        for lane in self.lanes:
+            lane.channel.interrupt()
+        self.pool.interrupt()
+
+    def _sigterm_deadline(self) -> float | None:
+        return _preemption.deadline(self)
+
+    def _check_waiting(self) -> float | None:
+        """Before the training thread waits in `_submit`: raises a lane's
+        failure; returns when the wait must end (a SIGTERM's deadline)."""
+        self.check()
+        return self._sigterm_deadline()
+
     def _watch_run(self) -> None:
         frame = keras_run_frame()
         if frame is not None:
             self._watch = RunWatch(self, frame)
+
+    def close_if_abandoned(self) -> None:
+        """Closes the run now if its watch would: Keras' run left the
+        stack without its end hook."""
+        watch = self._watch
+        if watch is not None and not watch.run_alive():
+            self.close(grace=self.grace)
+            log_late_failures(self.lanes)  # Not this new run's to raise.
 
     def abandon(self, watch: RunWatch) -> bool:
         """Closes the run if `watch` confirms `fit` ended without its end
@@ -220,7 +373,7 @@ class Dispatcher:
                 "finishing the queued hooks of %s.",
                 watch.where, ", ".join(lane.name for lane in self.lanes),
             )
-            self.close()
+            self.close(grace=self.grace)
         finally:
             self._lifecycle.release()
         log_late_failures(self.lanes)
@@ -232,9 +385,7 @@ class Dispatcher:
         Raises:
             AsyncCallbackError: If an offloaded hook failed.
         """
-        for lane in self.lanes:
-            # Called only during `join`, while `lane` is this one.
-            lane.channel.join(interrupted=lambda: lane.error is not None)
+        self.finish()
         self.check()
 
     # Errors and deferred control.
@@ -250,8 +401,9 @@ class Dispatcher:
         """Raises a failure, applies deferred control: at every hook."""
         for lane in self.lanes:
             if lane.error is not None:
-                self.close()
-                self.raise_failure()
+                with _preemption.busy():
+                    self.close(grace=self.grace)
+                    self.raise_failure()
             apply_deferred_control(lane)
 
     def raise_failure(self) -> None:
@@ -269,15 +421,16 @@ class Dispatcher:
         try:
             self.check()
             yield
-        except BaseException as exc:
-            self.close(cancel=isinstance(exc, KeyboardInterrupt))
+        except BaseException:
+            self.close(grace=self.grace)
             raise
         finally:
             self.end_dispatch()
 
     def end_dispatch(self) -> None:
         """Ends the sharing window of the current dispatch's snapshot."""
-        self.snapshotter.end_window()
+        with _preemption.busy():
+            self.snapshotter.end_window()
 
     def submit(
         self,
@@ -297,15 +450,30 @@ class Dispatcher:
         Raises:
             AsyncCallbackError: If a lane failed.
         """
+        task = Task(kind, name, args, copy_logs(logs), kwargs or {},
+                    fast=lane.fast_saves)
+        with _preemption.busy():
+            try:
+                self._submit(lane, task, level)
+            except _preemption.TooLate:
+                # SIGTERM's grace ran out while it waited to be queued:
+                # not accepted; listed as the process ends.
+                self._too_late.append(
+                    f"{lane.name}: {task.describe()} (not queued)")
+
+    def _submit(self, lane: Lane, task: Task, level: StateLevel) -> None:
+        kind = task.kind
         start = time.perf_counter()
         blocked = 0.0
         if kind in ("hook", "save"):  # Setup is not bounded: see above.
             blocked, dropped = lane.channel.make_room(
-                lane.policy, interrupted=lambda: lane.error is not None
-            )
+                lane.policy, interrupted=_failed(lane),
+                deadline=self._sigterm_deadline)
             lane.record_drops(dropped)
             if lane.error is not None:
                 self.check()
+            if not lane.channel.has_room():  # A SIGTERM's deadline passed.
+                raise _preemption.TooLate()
         with_snapshot = level > StateLevel.NONE and self.model is not None
         blueprint = None
         if lane.uses_model and (
@@ -316,12 +484,11 @@ class Dispatcher:
             # Workers start as soon as the model is known; before the first
             # snapshot, whose buffer must be one a worker process can map.
             self.start()
-        task = Task(kind, name, args, copy_logs(logs), kwargs or {},
-                    model=blueprint, fast=lane.fast_saves)
+        task.model = blueprint
         snapshot_s = 0.0
         if with_snapshot:
             task.snapshot, snapshot_s, waited = self.snapshotter.take(
-                self.model, level, lane, self.check)
+                self.model, level, lane, self._check_waiting)
             blocked += waited
         lane.channel.put(task)
         lane.dispatched += 1
@@ -333,7 +500,7 @@ class Dispatcher:
         lane.dispatch_time.add(elapsed)
 
     def _reserve(self) -> None:
-        if any(lane.saves_only for lane in self.lanes):  # Checkpoints.
+        if any(lane.saves_only and lane.here for lane in self.lanes):
             self.snapshotter.reserve(self.model)
 
     # Stats.
@@ -347,7 +514,23 @@ class Dispatcher:
         return self.snapshotter.snapshot_bytes
 
     def lane_stats(self) -> dict[str, CallbackStats]:
-        return {lane.name: lane.stats() for lane in self.lanes}
+        # Its locks are the workers' too: a SIGTERM handler must not run
+        # the finishing while this thread holds one.
+        with _preemption.busy():
+            return {lane.name: lane.stats() for lane in self.lanes}
+
+
+def _close_abandoned_runs() -> None:
+    """Closes, on the training thread, every run whose Keras `fit` raised
+    past its end hook and whose watch has not closed it yet."""
+    with _preemption.busy():
+        for dispatcher in list(_live_dispatchers):
+            dispatcher.close_if_abandoned()
+
+
+def _failed(lane: Lane) -> Callable[[], bool]:
+    """Whether `lane` has failed (a wait on its queue then ends)."""
+    return lambda: lane.error is not None
 
 
 @atexit.register
@@ -356,7 +539,9 @@ def _close_all() -> None:
     # queued hooks (nothing is lost) before the interpreter goes; then stop
     # the warm workers, which no run uses any more.
     for dispatcher in list(_live_dispatchers):
-        dispatcher.close()
+        dispatcher.close(grace=dispatcher.grace, exiting=True)
+    # Only now: a run closed later may still have been writing its saves.
+    remove_in_progress()
     from asynccb._executors import shutdown
 
     try:

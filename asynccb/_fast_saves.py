@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from asynccb._backups import BACKUP, write_backup
 from asynccb._errors import CannotCopySave
 from asynccb._file_template import (
     Template,
@@ -146,9 +147,14 @@ def save(shadow: Shadow, task: Task) -> str:
     """
     snapshot = task.snapshot
     assert snapshot is not None, "a save always has a snapshot"
+    state = _State(snapshot.level, snapshot.layout.signature,
+                   snapshot.arrays, lambda: shadow.apply(snapshot))
+    if task.name == BACKUP:
+        return write_backup(
+            lambda path: _save(shadow, "save_weights", (path,), {},
+                               task.fast, state), task.args)
     return _save(shadow, task.name, task.args, task.kwargs, task.fast,
-                 _State(snapshot.level, snapshot.layout.signature,
-                        snapshot.arrays, lambda: shadow.apply(snapshot)))
+                 state)
 
 
 def route_saves(shadow: Shadow, fast: bool, paths: list[str]) -> None:

@@ -151,8 +151,9 @@ class Template:
         date = datetime.datetime.fromtimestamp(now).strftime(
             "%Y-%m-%d@%H:%M:%S").encode()
         self._patch(self.metadata_span[0] + self.date_at, date)
-        self._set_crc(self.metadata_stamp,
-                      crc32(self._read_fixed(*self.metadata_span)))
+        metadata = self.fixed_bytes(*self.metadata_span)
+        assert metadata is not None, "learned: the metadata is fixed bytes"
+        self._set_crc(self.metadata_stamp, crc32(metadata))
         dt = time.localtime(now)
         dos = struct.pack(
             "<HH", dt.tm_hour << 11 | dt.tm_min << 5 | dt.tm_sec // 2,
@@ -180,9 +181,13 @@ class Template:
         index, local = self._locate(offset)
         self.fixed[index][local:local + len(value)] = value
 
-    def _read_fixed(self, start: int, end: int) -> bytes:
-        index, local = self._locate(start)
-        return bytes(self.fixed[index][local:local + end - start])
+    def fixed_bytes(self, start: int, end: int) -> bytes | None:
+        """The file's bytes from `start` to `end`, if they all lie in one
+        fixed piece (`None` otherwise)."""
+        for piece, piece_start in zip(self.fixed, self._fixed_starts):
+            if piece_start <= start and end <= piece_start + len(piece):
+                return bytes(piece[start - piece_start:end - piece_start])
+        return None
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:
@@ -342,27 +347,27 @@ def learn_keras_file(path: str, slots: dict[str, int],
         fixed = _fixed_pieces(fd, size, regions, arrays)
     finally:
         os.close(fd)
-    date = str(metadata.get("date_saved", "")).encode()
-    raw = json.dumps(metadata).encode()
-    if not date or raw != _entry_bytes(fixed, regions, starts[_METADATA],
-                                       infos[_METADATA].file_size):
-        raise CannotCopySave("Keras' metadata.json is not the one known")
-
     def stamp(name: str) -> _Stamp:
         return _Stamp(infos[name].header_offset, central[name],
                       timed=infos[name].date_time != _UNSTAMPED)
 
     weights = infos[_WEIGHTS]
-    return Template(
+    metadata_span = (starts[_METADATA],
+                     starts[_METADATA] + infos[_METADATA].file_size)
+    template = Template(
         size, regions, fixed,
         config_key=_key(arrays, key_slots), key_slots=key_slots,
         weights_span=(starts[_WEIGHTS], starts[_WEIGHTS] + weights.file_size),
         weights_stamp=stamp(_WEIGHTS),
-        metadata_span=(starts[_METADATA],
-                       starts[_METADATA] + infos[_METADATA].file_size),
+        metadata_span=metadata_span,
         metadata_stamp=stamp(_METADATA),
-        date_at=raw.index(date),
     )
+    date = str(metadata.get("date_saved", "")).encode()
+    raw = json.dumps(metadata).encode()
+    if not date or raw != template.fixed_bytes(*metadata_span):
+        raise CannotCopySave("Keras' metadata.json is not the one known")
+    template.date_at = raw.index(date)
+    return template
 
 
 class _Slice:
@@ -399,14 +404,3 @@ def _data_start(fd: int, info: zipfile.ZipInfo) -> int:
     header = os.pread(fd, 30, info.header_offset)
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     return info.header_offset + 30 + name_len + extra_len
-
-
-def _entry_bytes(fixed: list[bytearray], regions: list[_Region], start: int,
-                 nbytes: int) -> bytes:
-    """Bytes of an entry that lies in the fixed pieces (metadata)."""
-    offset = 0
-    for piece, region in zip(fixed, regions + [None]):
-        if offset <= start and start + nbytes <= offset + len(piece):
-            return bytes(piece[start - offset:start - offset + nbytes])
-        offset += len(piece) + (region.nbytes if region else 0)
-    return b""

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from asynccb._backups import route_backups, unroute_backups
 from asynccb._channel import Channel, release_all
 from asynccb._hooks import effective_hooks
 from asynccb._roles import (
@@ -15,8 +16,11 @@ from asynccb._roles import (
     offloads_saves,
     quiet_hooks,
     setup_state,
+    inline_on_every_worker,
+    on_every_worker,
     state_planner,
     uses_model,
+    waits_for_saves,
 )
 from asynccb._snapshot import Snapshot, StateLevel
 from asynccb._summaries import in_graph_summaries
@@ -68,6 +72,14 @@ class Lane:
         self.executor = executor.name
         self.policy = on_full
         self.saves_only = offloads_saves(callback)
+        # Its inline hooks that must see its saves written first.
+        self.waits_for_saves = waits_for_saves(callback)
+        # Under a multi-worker strategy: whether it runs on this worker
+        # (set by the dispatcher: the chief, or declared for every
+        # worker), and which of its hooks run inline on the others.
+        self.on_every_worker = on_every_worker(callback)
+        self.here = True
+        self.inline_everywhere = inline_on_every_worker(callback)
         self.uses_model = uses_model(callback)
         self.hooks = frozenset() if self.saves_only else (
             effective_hooks(callback) - quiet_hooks(callback))
@@ -96,6 +108,7 @@ class Lane:
         self.error: BaseException | None = None
         self.failed_task = ""
         self.cancelled_tasks: list[str] = []
+        self.running: Task | None = None  # The task its worker is on.
         # Counters: written by one side each, read by `stats()`.
         self.dispatched = 0
         self.completed = 0
@@ -135,6 +148,13 @@ class Lane:
         self.cancelled += len(tasks)
         self.cancelled_tasks.extend(task.describe() for task in tasks)
 
+    def unfinished(self) -> list[str]:
+        """What it accepted and has not done: the running task, then the
+        pending ones."""
+        running = self.running
+        return ([f"{running.describe()} (running)"] if running else []) + [
+            task.describe() for task in self.channel.pending()]
+
     def take_error(self) -> tuple[BaseException, str, list[str]] | None:
         """The recorded failure, cleared so the next run starts clean."""
         if self.error is None:
@@ -145,6 +165,13 @@ class Lane:
         self.cancelled_tasks.clear()
         return failure
 
+    def offload_saves(self) -> None:
+        """Gives a saves-only callback its stand-in model, whose saves are
+        queued here (and a BackupAndRestore its queued backups)."""
+        stand_in = self.offloaded_model
+        self.callback._model = stand_in
+        route_backups(self.callback, stand_in._submit_save)
+
     def restore(self) -> None:
         """Gives the user's callback its live model back (end of run).
 
@@ -153,6 +180,7 @@ class Lane:
         """
         if self.live_model is not None:
             self.callback._model = self.live_model
+        unroute_backups(self.callback)
         self.attached = False
         self.runner.close()
         if self.summaries is not None:
@@ -218,6 +246,7 @@ class Lane:
                 self.cancelled += 1  # Failed lanes discard what is left.
                 return
             start = time.perf_counter()
+            self.running = task
             try:
                 effects = self.runner.run(task)
             except BaseException as exc:  # Raised on the training thread.
@@ -225,6 +254,7 @@ class Lane:
             else:
                 self._finish(task, start, effects)
         finally:
+            self.running = None
             self._release(task)
 
     async def run_async(
@@ -242,6 +272,7 @@ class Lane:
             # default runner (see `Runner`).
             runner = self.runner
             assert isinstance(runner, TaskRunner), runner
+            self.running = task
             try:
                 if runner.is_coroutine_hook(task):
                     before = await run_sync(runner.prepare, task)
@@ -249,9 +280,12 @@ class Lane:
                     effects = runner.effects(task, before)
                 else:  # In one call: it may hold a shared shadow.
                     effects = await run_sync(runner.run, task)
-            except Exception as exc:  # Cancellation must propagate.
+            # Not BaseException: the loop's cancellation must propagate;
+            # `sys.exit` or Ctrl-C in a hook is the hook's failure.
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
                 self.fail(task.describe(), exc)
             else:
                 self._finish(task, start, effects)
         finally:
+            self.running = None
             self._release(task)

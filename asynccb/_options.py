@@ -17,10 +17,16 @@ __all__ = [
     "check_choice",
     "check_positive_int",
     "check_bool",
+    "check_seconds",
 ]
 
 DEFAULT_MAX_PENDING = 16
 DEFAULT_MAX_SNAPSHOTS = 2
+DEFAULT_EXIT_GRACE = 20.0
+"""Seconds to finish accepted hooks when a run ends early. Schedulers give
+a preempted job about 30 s between SIGTERM and SIGKILL (Kubernetes' and
+Slurm's defaults, cloud spot VMs): this leaves the rest for the process to
+end and the list of what was not done to reach stderr."""
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -52,6 +58,18 @@ def check_bool(name: str, value: Any) -> bool:
             f"`{name}` must be True or False. Received: {name}={value!r}"
         )
     return value
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """Returns `value` if it is a finite number of seconds, zero or more."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 <= value < float("inf")
+    ):
+        raise ValueError(
+            f"`{name}` must be a number of seconds, zero or more. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 def check_callback(name: str, value: Any) -> Any:
@@ -91,6 +109,11 @@ class Options:
         fast_saves: Whether checkpoint saves after a run's first may be
             written straight from the snapshot into the file layout learned
             from Keras' first save (see `asynccb._fast_saves`).
+        exit_grace: The most seconds spent finishing accepted hooks when a
+            run ends early (SIGTERM, an exception, `sys.exit`, Ctrl-C,
+            interpreter exit); what is left then is listed on stderr.
+        handle_sigterm: Whether a SIGTERM during a run (installed from the
+            main thread) first finishes the accepted hooks.
 
     Raises:
         ValueError: If a value is not one of its choices, or not a positive
@@ -102,6 +125,8 @@ class Options:
     on_full: str = "block"
     max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
     fast_saves: bool = True
+    exit_grace: float = DEFAULT_EXIT_GRACE
+    handle_sigterm: bool = True
 
     def __post_init__(self) -> None:
         if self.executor is not None:
@@ -110,3 +135,5 @@ class Options:
         check_choice("on_full", self.on_full, POLICIES)
         check_positive_int("max_snapshots", self.max_snapshots)
         check_bool("fast_saves", self.fast_saves)
+        check_seconds("exit_grace", self.exit_grace)
+        check_bool("handle_sigterm", self.handle_sigterm)

@@ -16,6 +16,9 @@ __all__ = [
     "default_executor",
     "is_known_slow",
     "offloads_saves",
+    "waits_for_saves",
+    "on_every_worker",
+    "inline_on_every_worker",
     "uses_model",
     "state_planner",
     "model_changing_hooks",
@@ -36,16 +39,19 @@ CONTROL_TYPES = tuple(
         "LearningRateScheduler",
         "TerminateOnNaN",
         "SwapEMAWeights",
-        "BackupAndRestore",
         "History",
         "ProgbarLogger",
     )
     if hasattr(_cb, name)
 )
 
-# Built-ins whose hooks do slow I/O and never steer training.
-SLOW_TYPES = (_cb.ModelCheckpoint, _cb.CSVLogger, _cb.TensorBoard,
-              _cb.RemoteMonitor)
+# Built-ins whose hooks do slow I/O and never steer training in a worker
+# (BackupAndRestore's restore stays inline: see `offloads_saves`).
+SLOW_TYPES = (_cb.ModelCheckpoint, _cb.BackupAndRestore, _cb.CSVLogger,
+              _cb.TensorBoard, _cb.RemoteMonitor)
+
+# Callbacks of which only the saves are offloaded (see `offloads_saves`).
+_SAVES_ONLY_TYPES = (_cb.ModelCheckpoint, _cb.BackupAndRestore)
 
 # Synchronous callbacks known not to change the model's variables, so a
 # snapshot taken before them is still valid after them.
@@ -96,9 +102,38 @@ def offloads_saves(callback: Any) -> bool:
     comparison, a file name: microseconds, and its state stays on the
     user's object) and only its `model.save` runs in the worker, on a
     snapshot: exactly the slow part, and a dropped save is simply a skipped
-    file.
+    file. A BackupAndRestore likewise: its counters and its restore (into
+    the live model, at `on_train_begin`) stay on the training thread; each
+    backup goes to the worker as one task (see `asynccb._backups`).
     """
-    return isinstance(callback, _cb.ModelCheckpoint)
+    return isinstance(callback, _SAVES_ONLY_TYPES)
+
+
+def waits_for_saves(callback: Any) -> frozenset[str]:
+    """The hooks of a saves-only callback that read or remove what its
+    saves write, and so run only once its queued saves are written:
+    BackupAndRestore restores from its backup at `on_train_begin` and
+    removes it at `on_train_end`."""
+    if isinstance(callback, _cb.BackupAndRestore):
+        return frozenset({"on_train_begin", "on_train_end"})
+    return frozenset()
+
+
+def on_every_worker(callback: Any) -> bool:
+    """Whether an offloaded `callback` runs on every worker of a cluster,
+    not only on the chief: declared with a true `asynccb_every_worker`
+    attribute (a callback whose work each worker needs, e.g. writing
+    worker-local files)."""
+    return bool(getattr(callback, "asynccb_every_worker", False))
+
+
+def inline_on_every_worker(callback: Any) -> frozenset[str]:
+    """The hooks of an offloaded callback that run inline on the workers
+    other than the chief too: BackupAndRestore's restore, which every
+    worker needs to resume in step (its backups are the chief's)."""
+    if isinstance(callback, _cb.BackupAndRestore):
+        return frozenset({"on_train_begin"})
+    return frozenset()
 
 
 def default_executor(callback: Any) -> str:
@@ -111,7 +146,7 @@ def default_executor(callback: Any) -> str:
     to a thread: CSV rows, TensorBoard scalars and uploads are light or
     I/O-bound, and a process costs a TensorFlow import and its memory.
     """
-    return "process" if isinstance(callback, _cb.ModelCheckpoint) else "thread"
+    return "process" if offloads_saves(callback) else "thread"
 
 
 def uses_model(callback: Any) -> bool:
@@ -251,4 +286,6 @@ def model_changing_hooks(callback: Any) -> frozenset[str]:
     if isinstance(callback, _cb.EarlyStopping):
         # It restores the best weights at the end, and only then.
         return hooks & {"on_train_end"}
+    if isinstance(callback, _cb.BackupAndRestore):
+        return hooks & {"on_train_begin"}  # Its restore.
     return hooks

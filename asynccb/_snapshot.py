@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -285,7 +286,10 @@ class BufferPool:
         self.high_water = 0  # The most buffers ever alive at once.
         self.allocations = 0  # Buffers allocated over the pool's life.
         self._prefill: threading.Thread | None = None
-        self._cond = threading.Condition()
+        self._waiting = 0  # Producers blocked in `wait`.
+        # Reentrant: a SIGTERM handler on the training thread may wake
+        # the waits (`interrupt`) while that thread is inside a method.
+        self._cond = threading.Condition(threading.RLock())
 
     # A buffer is reused only while it fits: it is as large as the largest
     # layout asked for (an optimizer built after the first snapshot grows
@@ -380,11 +384,31 @@ class BufferPool:
         # raises what this raised.
         self.release(self._new(nbytes))
 
-    def wait(self, generation: int) -> None:
-        """Blocks until a release or `interrupt` after `generation`."""
+    def wait(self, generation: int, until: float | None = None) -> None:
+        """Blocks until a release or `interrupt` after `generation`, or
+        the `time.monotonic()` time `until`."""
         with self._cond:
-            while self._generation == generation:
-                self._cond.wait()
+            self._waiting += 1
+            self._cond.notify_all()  # For `wait_blocked`.
+            try:
+                while self._generation == generation:
+                    if until is None:
+                        self._cond.wait()
+                    elif not self._cond.wait(until - time.monotonic()):
+                        return
+            finally:
+                self._waiting -= 1
+
+    def wait_blocked(self, timeout: float | None = None) -> bool:
+        """Waits until a snapshot waits for a free buffer.
+
+        For observing backpressure (tests, monitoring) without polling.
+
+        Returns:
+            Whether one waits (`False` after `timeout` seconds).
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiting > 0, timeout)
 
     def interrupt(self) -> None:
         """Wakes the waiters of `wait`, so they can look for errors."""

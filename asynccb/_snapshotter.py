@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from asynccb._preemption import TooLate
 from asynccb._snapshot import (
     Buffer,
     BufferPool,
@@ -56,14 +57,18 @@ class Snapshotter:
         model: Any,
         level: StateLevel,
         lane: Lane,
-        check: Callable[[], None],
+        check: Callable[[], float | None],
     ) -> tuple[Snapshot, float, float]:
         """A snapshot of `model` at `level` or more for `lane`: the one
         taken earlier in this dispatch if it has enough, else a new one.
 
         Waits for a free buffer when all are in use (dropping, for a lane
         whose policy allows it, its oldest pending snapshot instead);
-        `check` raises if a lane failed meanwhile.
+        `check` raises if a lane failed meanwhile, and returns when to stop
+        waiting (a SIGTERM's deadline) or `None`.
+
+        Raises:
+            TooLate: If no buffer came free before that time.
 
         Returns:
             The snapshot (retained for the lane), the seconds the copy
@@ -108,7 +113,7 @@ class Snapshotter:
         return layout
 
     def _acquire(
-        self, nbytes: int, lane: Lane, check: Callable[[], None]
+        self, nbytes: int, lane: Lane, check: Callable[[], float | None]
     ) -> tuple[Buffer, float]:
         waited = 0.0
         while True:
@@ -123,9 +128,11 @@ class Snapshotter:
                 if victim is not None:
                     lane.record_drops([victim])
                     continue
-            check()
+            until = check()
+            if until is not None and time.monotonic() >= until:
+                raise TooLate()
             start = time.perf_counter()
-            self.pool.wait(generation)
+            self.pool.wait(generation, until)
             waited += time.perf_counter() - start
 
     def end_window(self) -> None:

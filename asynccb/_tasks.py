@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asynccb._backups import BACKUP
 from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
 from asynccb._fast_saves import route_saves, save
@@ -68,7 +69,9 @@ class Task:
 
     def describe(self) -> str:
         if self.kind == "save":
-            return f"model.{self.name}({self.args[0]!r})"
+            what = ("backup" if self.name == BACKUP
+                    else f"model.{self.name}")
+            return f"{what}({self.args[0]!r})"
         if self.kind == "hook":
             return describe_call(self.name, self.args)
         return f"{self.name}()"

@@ -84,9 +84,7 @@ ASYNC = {  # Variant name: (executor, fast_saves).
 }
 RAW = "raw write"
 VARIANTS = [BASELINE, RAW, "keras", *ASYNC]
-# What each format's checkpoint file holds, once known (the keras warm-up
-# fit's file): the raw write variant writes that many bytes.
-PAYLOADS: dict[str, bytes] = {}
+"""Every variant; the first two are always measured."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +130,10 @@ def _rotated(items: list, by: int) -> list:
     return items[by:] + items[:by]
 
 
-def callbacks_of(name: str, form: str, directory: str) -> list[Any]:
+def callbacks_of(name: str, form: str, directory: str,
+                 payload: bytes | None = None) -> list[Any]:
+    """The callbacks of variant `name`; the raw write variant writes
+    `payload` (a checkpoint's worth of bytes) at each save step."""
     import keras
 
     from asynccb import AsyncCallback
@@ -140,7 +141,8 @@ def callbacks_of(name: str, form: str, directory: str) -> list[Any]:
     if name == BASELINE:
         return []
     if name == RAW:
-        return [_raw_writes_class()(directory, PAYLOADS[form])]
+        assert payload is not None, "known from the keras warm-up fit"
+        return [_raw_writes_class()(directory, payload)]
     checkpoint = keras.callbacks.ModelCheckpoint(
         os.path.join(directory, FORMATS[form]), save_freq=EVERY,
         save_weights_only=form == ".weights.h5")
@@ -190,12 +192,12 @@ def _raw_writes_class() -> type:
 
 
 def fit_once(model: Any, data: tuple, name: str, form: str,
-             scratch: str) -> dict[str, Any]:
+             scratch: str, payload: bytes | None = None) -> dict[str, Any]:
     """One measured `fit` of `name`; its written files are then deleted."""
     from measure import CpuWindow
 
     directory = tempfile.mkdtemp(dir=scratch)
-    callbacks = callbacks_of(name, form, directory)
+    callbacks = callbacks_of(name, form, directory, payload)
     window = CpuWindow()
     window.begin()
     start = time.perf_counter()
@@ -260,7 +262,7 @@ def summarize(runs: dict[str, list[dict]], firsts: dict[str, list[dict]],
 
 
 def measure_size(mib: float, repeats: int, saves: int | None,
-                 scratch: str) -> dict[str, Any]:
+                 scratch: str, variants: list[str]) -> dict[str, Any]:
     """Every format x variant, `repeats` times, for one size of state."""
     import asynccb
     from measure import raw_write_seconds, state_nbytes
@@ -276,25 +278,28 @@ def measure_size(mib: float, repeats: int, saves: int | None,
                                         round(SAVES_BYTES / nbytes)))
     x, y = synthetic_data(EVERY * saves * BATCH)
     _progress(f"{mib:g} MiB (width {width}, {saves} saves): warm-up fits")
+    # What each format's checkpoint file holds (the keras warm-up fit's
+    # file): the raw write variant writes that many bytes.
+    payloads: dict[str, bytes] = {}
     for form in FORMATS:
-        for name in ["keras"] + [n for n in VARIANTS if n != "keras"]:
+        for name in ["keras"] + [n for n in variants if n != "keras"]:
             run = fit_once(model, (x[:EVERY * BATCH], y[:EVERY * BATCH]),
-                           name, form, scratch)
+                           name, form, scratch, payloads.get(form))
             if name == "keras":
-                PAYLOADS[form] = np.random.default_rng(0).bytes(
+                payloads[form] = np.random.default_rng(0).bytes(
                     run["file_bytes"])
-    runs = {form: {name: [] for name in VARIANTS} for form in FORMATS}
-    firsts = {form: {name: [] for name in VARIANTS} for form in FORMATS}
+    runs = {form: {name: [] for name in variants} for form in FORMATS}
+    firsts = {form: {name: [] for name in variants} for form in FORMATS}
     raws: dict[str, list[dict]] = {form: [] for form in FORMATS}
     short = (x[:EVERY * BATCH], y[:EVERY * BATCH])  # One save.
     for repeat in range(repeats):
         for form in _rotated(list(FORMATS), repeat):
             _progress(f"{mib:g} MiB, {form}, repeat {repeat + 1}/{repeats}")
-            for name in _rotated(VARIANTS, repeat):
-                firsts[form][name].append(
-                    fit_once(model, short, name, form, scratch))
-                runs[form][name].append(
-                    fit_once(model, (x, y), name, form, scratch))
+            for name in _rotated(variants, repeat):
+                firsts[form][name].append(fit_once(
+                    model, short, name, form, scratch, payloads[form]))
+                runs[form][name].append(fit_once(
+                    model, (x, y), name, form, scratch, payloads[form]))
             raws[form].append(raw_write_seconds(
                 runs[form]["keras"][-1]["file_bytes"], scratch))
     asynccb.shutdown()
@@ -341,8 +346,8 @@ def _cell(variant: dict) -> str:
             f"{variant['over_raw_write_max']:.1f})")
 
 
-def markdown_table(rows: list[dict], form: str) -> str:
-    names = VARIANTS[1:]
+def markdown_table(rows: list[dict], form: str, variants: list[str]) -> str:
+    names = variants[1:]
     lines = ["| state MiB | saves | one raw write apart ms | "
              + " | ".join(names)
              + " | first save ms: " + ", ".join(names) + " |",
@@ -382,13 +387,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: "
                          f"{', '.join(VARIANTS[2:])}")
-    VARIANTS[2:] = [n for n in VARIANTS[2:] if n in chosen]
+    variants = VARIANTS[:2] + [n for n in VARIANTS[2:] if n in chosen]
     if args.one_size is not None:  # A size's own process.
         from heavy_checkpointing import configure_tensorflow
 
         threads = configure_tensorflow(args.tf_threads)
         row = measure_size(args.one_size, args.repeats, args.saves,
-                           args.scratch)
+                           args.scratch, variants)
         print(json.dumps({**row, **threads}, default=float))
         return None
     from report import write_json
@@ -414,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
               f"{BATCH}; TF "
               f"threads {args.tf_threads} intra-op / 1 inter-op; "
               f"{args.repeats} interleaved repeats, medians.\n")
-        print(markdown_table(rows, form))
+        print(markdown_table(rows, form, variants))
     for warning in path_warnings(rows):
         print(warning)
     print(f"\nJSON: {path}; {document['seconds']:.0f} s in all.")

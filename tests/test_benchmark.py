@@ -214,3 +214,25 @@ def test_tiny_save_cost(tmp_path):
     assert ("| state MiB | saves | one raw write apart ms | raw write | "
             "keras |") in out
     assert "TF threads 1 intra-op / 1 inter-op; 1 interleaved repeats" in out
+
+
+def test_tiny_non_chief_run():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "non_chief.py"), "--repeats", "1",
+         "--calls", "20"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "snapshots 0, offloaded calls 0, files written []" in done.stdout
+
+
+def test_tiny_chief_cost_run(tmp_path):
+    figures = tmp_path / "chief.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "chief_cost.py"), "--repeats", "1",
+         "--epochs", "2", "--json", str(figures)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(figures.read_text())
+    (run,) = result["runs"]
+    assert run["one_worker_ms"] > 0 and run["two_workers_chief_ms"] > 0
+    assert result["ratio_median"] == run["ratio"]
+    assert "chief of two workers / one worker" in done.stdout

@@ -106,3 +106,21 @@ def test_measure_throughput(example, capsys):
     assert stats.callbacks["ModelCheckpoint"].executor == "process"
     out = capsys.readouterr().out
     assert "with asynccb:" in out and "the training thread paid" in out
+
+
+def test_preemption(example, capsys, tmp_path):
+    result = example("preemption").main(
+        ["--due", "6", "--width", "256", "--directory", str(tmp_path)])
+    assert result["status"] == -15  # SIGTERM, as plain Keras ends.
+    assert set(result["due"]) <= set(result["on_disk"])
+    assert len(result["due"]) >= 6
+    assert "lost: none" in capsys.readouterr().out
+
+
+def test_multi_worker(example, capsys, tmp_path):
+    chief, other = example("multi_worker").main(
+        ["--epochs", "3", "--directory", str(tmp_path)])
+    assert chief["files"][-1] == "log.csv" and chief["snapshots"] > 0
+    assert other["files"] == [] and other["snapshots"] == 0
+    assert chief["stopped_epoch"] == other["stopped_epoch"]
+    assert "worker 1: " in capsys.readouterr().out

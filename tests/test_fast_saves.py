@@ -19,7 +19,8 @@ from artifacts import assert_same_checkpoints, checkpoint_tensors
 from conftest import make_model, mnist_like
 # A layer whose `save_own_variables` is its own code (without its signals,
 # it saves as Keras' does), and a small model around a layer.
-from test_process import SlowToSave, _model
+from gated import GatedSave
+from test_process import _model
 
 from asynccb import AsyncCallback
 
@@ -172,8 +173,8 @@ def _lora_dense():
 
 
 @pytest.mark.parametrize("case,make_model_,fast_saves,reason", [
-    ("own save code", lambda: _model(SlowToSave()), True,
-     "keras: SlowToSave.save_own_variables is not Keras' own"),
+    ("own save code", lambda: _model(GatedSave()), True,
+     "keras: GatedSave.save_own_variables is not Keras' own"),
     ("LoRA kernel", lambda: _model(_lora_dense()), True,
      "keras: layers/dense/vars/0 (of 'lora') holds a value computed while "
      "saving, not a copy of a variable"),

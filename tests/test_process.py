@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from artifacts import assert_same_checkpoints
 from conftest import JOIN_TIMEOUT_S, mnist_like, shared_segments
-from crossproc import Signal, children_of, wait_for_exit
+from crossproc import children_of, wait_for_exit
+from gated import GatedSave
 from recording import LiveWeights
 
 from asynccb import AsyncCallback, AsyncCallbackError, WorkerDiedError
@@ -35,35 +36,6 @@ class Doubler(keras.layers.Layer):
 
     def call(self, inputs):
         return inputs * self.gain * 2.0
-
-
-class SlowToSave(keras.layers.Layer):
-    """Its second save, in a worker, reports the worker's pid on `started`
-    and then blocks until `gate` opens: a save caught in the middle."""
-
-    def __init__(self, started=None, gate=None, **kwargs):
-        super().__init__(**kwargs)
-        self.started = started
-        self.gate = gate
-        self.saves = 0
-
-    def build(self, input_shape):
-        self.gain = self.add_weight(shape=(input_shape[-1],),
-                                    initializer="ones")
-
-    def call(self, inputs):
-        return inputs * self.gain
-
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-        self.saves += 1
-        if self.started and self.saves == 2:
-            Signal.attach(self.started).set(str(os.getpid()).encode())
-            Signal.attach(self.gate).wait(JOIN_TIMEOUT_S)
-
-    def get_config(self):
-        return {**super().get_config(), "started": self.started,
-                "gate": self.gate}
 
 
 def _model(layer):
@@ -108,7 +80,7 @@ def test_custom_layer_of_this_module_checkpointed_by_a_worker(tmp_path):
 
 def test_worker_killed_mid_save(tmp_path, signals):
     started, gate = signals("started"), signals("gate")
-    model = _model(SlowToSave(started.path, gate.path))
+    model = _model(GatedSave(gate.path, started=started.path, free=1))
     live = LiveWeights()
     begun = []
 
@@ -133,7 +105,7 @@ def test_worker_killed_mid_save(tmp_path, signals):
     assert "model.save(" in str(error)
     assert begun[-1] == 2  # Raised at the next hook, not at the end.
     # The previous checkpoint is intact: epoch 0's, complete, loadable.
-    restored = _load(tmp_path / "model.keras", SlowToSave=SlowToSave)
+    restored = _load(tmp_path / "model.keras", GatedSave=GatedSave)
     for got, want in zip(restored.get_weights(), live.weights[0]):
         np.testing.assert_array_equal(got, want)
     assert sorted(p.name for p in tmp_path.iterdir()
@@ -146,9 +118,10 @@ sys.path.insert(0, {tests!r})
 import keras
 from asynccb import AsyncCallback
 from conftest import mnist_like
-from test_process import SlowToSave, _model
+from gated import GatedSave
+from test_process import _model
 
-model = _model(SlowToSave({started!r}, {gate!r}))
+model = _model(GatedSave({gate!r}, started={started!r}, free=1))
 x, y = mnist_like(128)
 checkpoint = keras.callbacks.ModelCheckpoint({path!r})
 model.fit(x, y, epochs=10, batch_size=32, verbose=0,
@@ -176,7 +149,7 @@ def test_trainer_killed_mid_save_leaves_nothing_behind(tmp_path, signals):
     for pid in children:
         assert wait_for_exit(pid, JOIN_TIMEOUT_S), f"{pid} outlived it"
     assert shared_segments(trainer.pid) == []
-    assert isinstance(_load(path, SlowToSave=SlowToSave), keras.Model)
+    assert isinstance(_load(path, GatedSave=GatedSave), keras.Model)
     assert sorted(p.name for p in tmp_path.iterdir()
                   if not p.name.endswith(".fifo")) == ["model.keras",
                                                        "train.py"]

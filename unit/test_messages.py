@@ -22,7 +22,8 @@ from asynccb._executors.process import messages
     messages.Stop(),
     messages.Ready(),
     messages.Done(7, {"stop_training": True, "learning_rate": 0.5}),
-    messages.State(7, {"best": pickle.dumps(0.25)}),
+    messages.State(7, {"best": pickle.dumps(0.25)},
+                   {"writer": "ValueError: closed"}),
 ], ids=lambda message: type(message).__name__)
 def test_every_message_round_trips(message):
     assert messages.decode(messages.encode(message)) == message

@@ -25,6 +25,8 @@ def test_defaults():
     {"max_pending": 1, "max_snapshots": 1},
     {"on_full": "drop_oldest"},
     {"on_full": "latest"},
+    {"exit_grace": 0, "handle_sigterm": False},
+    {"exit_grace": 2.5},
 ])
 def test_accepts_good_values(kwargs):
     options = Options(**kwargs)
@@ -51,6 +53,13 @@ def test_accepts_good_values(kwargs):
                                 "'drop_oldest', 'latest'. "
                                 "Received: on_full='newest'"),
         ({"on_full": None}, "Received: on_full=None"),
+        ({"exit_grace": -1}, "`exit_grace` must be a number of seconds, "
+                             "zero or more. Received: exit_grace=-1"),
+        ({"exit_grace": float("inf")}, "Received: exit_grace=inf"),
+        ({"exit_grace": None}, "Received: exit_grace=None"),
+        ({"exit_grace": True}, "Received: exit_grace=True"),
+        ({"handle_sigterm": "yes"}, "`handle_sigterm` must be True or "
+                                    "False. Received: handle_sigterm='yes'"),
     ],
 )
 def test_rejects_bad_values_naming_them(kwargs, message):

@@ -182,6 +182,7 @@ class Failed:
 class State:
     lane: int
     attributes: dict[str, bytes]  # Each pickled on its own.
+    skipped: dict[str, str]  # Name -> why it did not pickle.
 
 
 ToWorker = Union[Init, Open, Blueprint, RunTask, Finish, Close, Stop]

@@ -142,6 +142,10 @@ class ProcessRunner:
             self._blueprint = None  # A new lane has no shadow yet.
             self._finalizer = weakref.finalize(self, worker.close_lane,
                                                number)
+            # Not at interpreter exit: a run still open then is finished
+            # first (`_dispatcher._close_all`), through this lane; the
+            # worker exits with this process anyway.
+            self._finalizer.atexit = False
 
     def _close_lane(self) -> None:
         if self._finalizer is not None:
@@ -212,6 +216,11 @@ class ProcessRunner:
                               messages.State)
         if self.callback is None:
             return
+        for name, why in state.skipped.items():
+            logger.warning(
+                "asynccb: %s.%s stays as it was before the run: its value "
+                "in the worker could not be pickled (%s).",
+                type(self.callback).__name__, name, why)
         for name, data in state.attributes.items():
             try:
                 self.callback.__dict__[name] = pickle.loads(data)

@@ -29,7 +29,12 @@ __all__ = ["main", "initialize", "serve"]
 
 
 def _set_up_process() -> None:
+    # Ctrl-C, and a SIGTERM sent to the whole job (Slurm, `timeout`, a
+    # process group), are the training process' to handle: it may still
+    # need this worker to finish the saves it accepted. When it ends, the
+    # lifeline ends this worker too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(5)  # Training comes first when they compete for a core.
     import tensorflow as tf
 
@@ -49,19 +54,27 @@ def _exit_with_parent(lifeline: int) -> None:
     os._exit(0)
 
 
-def _callback_state(callback: Any) -> dict[str, bytes]:
+def _callback_state(callback: Any
+                    ) -> tuple[dict[str, bytes], dict[str, str]]:
     """The callback's attributes that can travel back, each pickled on its
     own (so one that cannot load in the training process costs only
-    itself), but its model."""
-    state = {}
+    itself), but its model. Returns them, and the skipped ones with why.
+
+    An attribute whose pickling raises `TypeError` (Python's "cannot
+    pickle" for open files, writers, locks) stays the training side's, as
+    by design; any other error is reported back, to be logged there.
+    """
+    attributes, skipped = {}, {}
     for name, value in vars(callback).items():
         if name == "_model":
             continue
         try:
-            state[name] = pickle.dumps(value)
-        except Exception:
-            continue  # Open files, writers: they stay the training side's.
-    return state
+            attributes[name] = pickle.dumps(value)
+        except TypeError:
+            continue
+        except Exception as exc:
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    return attributes, skipped
 
 
 class _Lane:
@@ -105,21 +118,24 @@ class _Lane:
                 if isinstance(message, messages.Blueprint):
                     self.blueprint_data, self.blueprint = message.data, None
                     continue
-                if isinstance(message, messages.Finish):
-                    callback = self.runner.callback
-                    reply: Any = messages.State(
-                        self.number,
-                        _callback_state(callback) if callback is not None
-                        else {})
-                else:
-                    try:
-                        reply = messages.Done(self.number, self._run(message))
-                    except BaseException as exc:
-                        reply = messages.Failed(
-                            self.number, messages.ExceptionReport.of(exc))
+                try:
+                    reply: Any = self._answer(message)
+                except BaseException as exc:  # `sys.exit` in a hook too.
+                    reply = messages.Failed(
+                        self.number, messages.ExceptionReport.of(exc))
                 self._reply(reply)
         finally:
             self.runner.close()
+
+    def _answer(self, message: Any) -> Any:
+        """Runs a task (`Done`) or, at the end of a run, pickles the
+        callback's attributes (`State`): either may raise anything."""
+        if isinstance(message, messages.Finish):
+            callback = self.runner.callback
+            attributes, skipped = (_callback_state(callback)
+                                   if callback is not None else ({}, {}))
+            return messages.State(self.number, attributes, skipped)
+        return messages.Done(self.number, self._run(message))
 
     def _run(self, message: messages.RunTask) -> dict[str, Any]:
         """Loads the task (and what it names) and runs it: every load and
