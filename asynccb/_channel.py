@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
+
 __all__ = ["Channel", "CLOSED", "POLICIES"]
 
 POLICIES = ("block", "drop_oldest", "latest")
@@ -44,7 +46,7 @@ class Channel:
         self,
         policy: str,
         interrupted: Callable[[], bool],
-        deadline: Callable[[], float | None] = lambda: None,
+        deadline: Deadline = no_deadline,
     ) -> tuple[float, list[Any]]:
         """Ensures one more item fits, as `policy` says.
 
@@ -74,15 +76,13 @@ class Channel:
                     dropped.append(victim)
                 else:
                     due = deadline()
-                    if interrupted() or (
-                            due is not None and time.monotonic() >= due):
+                    if interrupted() or passed(due):
                         break
                     start = time.perf_counter()
                     self._producer_blocked = True
                     self._cond.notify_all()  # For `wait_producer_blocked`.
                     try:
-                        self._cond.wait(
-                            None if due is None else due - time.monotonic())
+                        self._cond.wait(wait_slice(due))
                     finally:
                         self._producer_blocked = False
                     blocked += time.perf_counter() - start
@@ -155,7 +155,7 @@ class Channel:
     def join(
         self,
         interrupted: Callable[[], bool] = lambda: False,
-        deadline: Callable[[], float | None] = lambda: None,
+        deadline: Deadline = no_deadline,
     ) -> bool:
         """Waits until every item put so far is done, or `interrupted`, or
         the `time.monotonic()` time `deadline` returns (asked again at each
@@ -167,13 +167,12 @@ class Channel:
         with self._cond:
             while self._unfinished > 0 and not interrupted():
                 due = deadline()
-                remaining = None if due is None else due - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if passed(due):
                     break
                 self._producer_blocked = True
                 self._cond.notify_all()  # For `wait_producer_blocked`.
                 try:
-                    self._cond.wait(remaining)
+                    self._cond.wait(wait_slice(due))
                 finally:
                     self._producer_blocked = False
             return self._unfinished == 0

@@ -84,7 +84,7 @@ class Dispatcher:
         while lane.name in names:
             lane.name = f"{base}#{number}"
             number += 1
-        lane.on_failure = self._interrupt
+        lane.on_failure = self.wake
         lane.here = self.chief or lane.on_every_worker
         with self._lifecycle:
             self.lanes.append(lane)
@@ -230,12 +230,12 @@ class Dispatcher:
                     if exiting:
                         stopping = False
                         return
-                self._stop_workers()
+                stopping = self._stop_workers()
             except BaseException:
                 # Interrupted while waiting (Ctrl-C again): discard what
                 # has not started, wait only for what is running.
                 self.give_up(self.unfinished(), "a second interrupt")
-                self._stop_workers()
+                stopping = self._stop_workers()
                 raise
             finally:
                 if stopping:
@@ -259,12 +259,16 @@ class Dispatcher:
             self._watch.stop()
             self._watch = None
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self) -> bool:
+        """Closes the queues and waits for the workers to end, or for a
+        SIGTERM's deadline. Returns whether they all ended."""
         for lane in self.lanes:
             lane.channel.close()
-        for executor in list(self._executors.values()):
-            executor.stop()
-        self._executors.clear()
+        for name, executor in list(self._executors.items()):
+            if not executor.stop(self._sigterm_deadline):
+                return False  # Past the deadline: the process ends now.
+            del self._executors[name]
+        return True
 
     def finish(self, grace: float | None = None) -> list[str]:
         """Waits until every accepted hook has run, for at most `grace`
@@ -321,7 +325,7 @@ class Dispatcher:
         if ending:
             # The buffers no running hook holds: their shared memory goes
             # now, not when the resource tracker finds it left over.
-            self.snapshotter.close()
+            self.snapshotter.close(self._sigterm_deadline)
         if left:
             logger.error(
                 "asynccb: the run ended by %s; after %.1f s (exit_grace) "
@@ -330,8 +334,8 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Wakes the training thread's waits (for room in a queue, for a
-        snapshot buffer), so that they look at their deadline (a SIGTERM
-        arrived)."""
+        snapshot buffer), so that they look again: at a failed lane (which
+        calls this) or at their deadline (a SIGTERM arrived)."""
         for lane in self.lanes:
             lane.channel.interrupt()
         self.pool.interrupt()
@@ -389,13 +393,6 @@ class Dispatcher:
         self.check()
 
     # Errors and deferred control.
-
-    def _interrupt(self) -> None:
-        # A lane failed: wake the training thread if it waits on a queue or
-        # on the pool, so it raises instead of waiting.
-        self.pool.interrupt()
-        for lane in self.lanes:
-            lane.channel.interrupt()
 
     def check(self) -> None:
         """Raises a failure, applies deferred control: at every hook."""
@@ -514,10 +511,7 @@ class Dispatcher:
         return self.snapshotter.snapshot_bytes
 
     def lane_stats(self) -> dict[str, CallbackStats]:
-        # Its locks are the workers' too: a SIGTERM handler must not run
-        # the finishing while this thread holds one.
-        with _preemption.busy():
-            return {lane.name: lane.stats() for lane in self.lanes}
+        return {lane.name: lane.stats() for lane in self.lanes}
 
 
 def _close_abandoned_runs() -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from asynccb._backups import route_backups, unroute_backups
 from asynccb._channel import Channel, release_all
+from asynccb import _preemption
 from asynccb._hooks import effective_hooks
 from asynccb._roles import (
     StateSpec,
@@ -187,21 +188,24 @@ class Lane:
             self.summaries.close()
 
     def stats(self) -> CallbackStats:
-        return CallbackStats(
-            name=self.name,
-            executor=self.executor,
-            dispatched=self.dispatched,
-            completed=self.completed,
-            dropped=self.dropped,
-            cancelled=self.cancelled,
-            queue_high_water=self.channel.high_water,
-            worker_time=self.worker_time.timings(),
-            snapshot=self.snapshot_time.timing(),
-            enqueue=self.enqueue_time.timing(),
-            blocked=self.blocked_time.timing(),
-            dispatch=self.dispatch_time.timing(),
-            save_paths=self._save_paths_copy(),
-        )
+        # Its locks are the worker's too: a SIGTERM handler must not run
+        # the finishing while the training thread holds one.
+        with _preemption.busy():
+            return CallbackStats(
+                name=self.name,
+                executor=self.executor,
+                dispatched=self.dispatched,
+                completed=self.completed,
+                dropped=self.dropped,
+                cancelled=self.cancelled,
+                queue_high_water=self.channel.high_water,
+                worker_time=self.worker_time.timings(),
+                snapshot=self.snapshot_time.timing(),
+                enqueue=self.enqueue_time.timing(),
+                blocked=self.blocked_time.timing(),
+                dispatch=self.dispatch_time.timing(),
+                save_paths=self._save_paths_copy(),
+            )
 
     def _save_paths_copy(self) -> dict[str, int]:
         with self._save_paths_lock:

@@ -24,14 +24,15 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from asynccb._saving import remove_in_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._dispatcher import Dispatcher
 
-__all__ = ["TooLate", "busy", "deadline", "run_ended", "run_started"]
+__all__ = ["TooLate", "busy", "deadline", "run_ended", "run_started",
+           "passed", "wait_slice", "Deadline", "no_deadline"]
 
 logger = logging.getLogger("asynccb")
 
@@ -44,6 +45,11 @@ _installed = False
 _depth = 0
 # When a SIGTERM arrived and is being handled (`time.monotonic()`).
 _arrived: float | None = None
+
+# The training thread's waits read the deadline, then wait. A SIGTERM
+# landing between the two finds no waiter to wake, so they wait in slices
+# this long and read it again.
+_WAIT_SLICE = 0.25
 
 
 class TooLate(Exception):
@@ -99,6 +105,30 @@ def deadline(dispatcher: "Dispatcher") -> float | None:
     if arrived is None or dispatcher not in _runs or callable(_previous):
         return None
     return arrived + dispatcher.grace
+
+
+Deadline = Callable[[], "float | None"]
+"""When a wait must end (`time.monotonic()`), asked again at each wake: a
+SIGTERM may set one during the wait; `None`: no bound yet."""
+
+
+def no_deadline() -> float | None:
+    """The `Deadline` of a wait with no bound."""
+    return None
+
+
+def passed(due: float | None) -> bool:
+    """Whether the deadline `due` (`None`: none) is past."""
+    return due is not None and time.monotonic() >= due
+
+
+def wait_slice(due: float | None) -> float:
+    """How long a wait that ends at `due` (`time.monotonic()`; `None`:
+    unbounded) waits before reading its deadline again: at most a slice,
+    as a SIGTERM may set one meanwhile; `0` once `due` is past."""
+    if due is None:
+        return _WAIT_SLICE
+    return max(0.0, min(_WAIT_SLICE, due - time.monotonic()))
 
 
 @contextlib.contextmanager

@@ -21,11 +21,12 @@ from __future__ import annotations
 import enum
 import itertools
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
 
 __all__ = [
     "StateLevel",
@@ -385,17 +386,15 @@ class BufferPool:
         self.release(self._new(nbytes))
 
     def wait(self, generation: int, until: float | None = None) -> None:
-        """Blocks until a release or `interrupt` after `generation`, or
-        the `time.monotonic()` time `until`."""
+        """Blocks until a release or `interrupt` after `generation`, the
+        `time.monotonic()` time `until`, or a slice of time: the caller
+        looks again (a SIGTERM may have set a deadline meanwhile)."""
         with self._cond:
             self._waiting += 1
             self._cond.notify_all()  # For `wait_blocked`.
             try:
-                while self._generation == generation:
-                    if until is None:
-                        self._cond.wait()
-                    elif not self._cond.wait(until - time.monotonic()):
-                        return
+                if self._generation == generation:
+                    self._cond.wait(wait_slice(until))
             finally:
                 self._waiting -= 1
 
@@ -411,7 +410,8 @@ class BufferPool:
             return self._cond.wait_for(lambda: self._waiting > 0, timeout)
 
     def interrupt(self) -> None:
-        """Wakes the waiters of `wait`, so they can look for errors."""
+        """Wakes the waiters of `wait`, so they can look for errors or a
+        SIGTERM's deadline."""
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
@@ -423,14 +423,23 @@ class BufferPool:
             self._generation += 1
             self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, deadline: Deadline = no_deadline) -> None:
         """Frees every buffer (end of run, when none is held any more).
 
         The pool stays usable: the next run allocates afresh, for what may
         be another model.
+
+        Args:
+            deadline: A SIGTERM's, if any: past it, a buffer still being
+                allocated is left to the process' end.
         """
-        if self._prefill is not None:
-            self._prefill.join()
+        prefill = self._prefill
+        while prefill is not None and prefill.is_alive():
+            due = deadline()
+            if passed(due):
+                break
+            prefill.join(wait_slice(due))
+        else:
             self._prefill = None
         with self._cond:
             self._nbytes = 0

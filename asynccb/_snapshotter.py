@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from asynccb._preemption import TooLate
+from asynccb._preemption import Deadline, TooLate, no_deadline, passed
 from asynccb._snapshot import (
     Buffer,
     BufferPool,
@@ -129,7 +129,7 @@ class Snapshotter:
                     lane.record_drops([victim])
                     continue
             until = check()
-            if until is not None and time.monotonic() >= until:
+            if passed(until):
                 raise TooLate()
             start = time.perf_counter()
             self.pool.wait(generation, until)
@@ -152,7 +152,8 @@ class Snapshotter:
             if nbytes:
                 self.pool.reserve(nbytes)
 
-    def close(self) -> None:
-        """Ends the window and frees every buffer (end of a run)."""
+    def close(self, deadline: Deadline = no_deadline) -> None:
+        """Ends the window and frees every buffer (end of a run; see
+        `BufferPool.close`)."""
         self.end_window()
-        self.pool.close()
+        self.pool.close(deadline)

@@ -7,7 +7,9 @@ thread what asynccb costs a single worker doing the same. Each repeat runs
 alternating order), and takes asynccb's share of the chief's checkpoint
 step on its training thread (the median over the run's epochs, less the
 inline EarlyStopping's). Reported: each run's figure, and the median over
-repeats of the two-worker/one-worker ratio, with min and max.
+repeats of the two-worker/one-worker ratio, with min and max (a repeat
+whose one-worker figure is not above zero, within the noise of the
+subtraction, has no ratio and is counted apart).
 
 On a 2-core machine the two workers also compete for the cores (each
 trains with one TensorFlow thread), so the two-worker figure holds that
@@ -23,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "examples"))
@@ -31,8 +34,10 @@ import multi_worker  # noqa: E402
 
 
 def _chief_ms(workers: int, epochs: int) -> float:
-    reports = multi_worker.main(["--workers", str(workers), "--epochs",
-                                 str(epochs), "--patience", str(epochs + 1)])
+    with tempfile.TemporaryDirectory(prefix="asynccb-chief-cost-") as root:
+        reports = multi_worker.main([
+            "--workers", str(workers), "--epochs", str(epochs),
+            "--patience", str(epochs + 1), "--directory", root])
     return reports[0]["asynccb_ms_per_checkpoint"]
 
 
@@ -48,13 +53,18 @@ def main(argv: list[str] | None = None) -> dict:
     for repeat in range(args.repeats):
         order = (1, 2) if repeat % 2 == 0 else (2, 1)
         ms = {workers: _chief_ms(workers, args.epochs) for workers in order}
+        ratio = ms[2] / ms[1] if ms[1] > 0 else None
         runs.append({"one_worker_ms": ms[1], "two_workers_chief_ms": ms[2],
-                     "ratio": ms[2] / ms[1]})
+                     "ratio": ratio})
         print(f"repeat {repeat}: chief {ms[2]:.3f} ms with two workers, "
-              f"{ms[1]:.3f} ms alone: ratio {ms[2] / ms[1]:.2f}", flush=True)
-    ratios = [run["ratio"] for run in runs]
+              f"{ms[1]:.3f} ms alone: ratio "
+              f"{'-' if ratio is None else f'{ratio:.2f}'}", flush=True)
+    ratios = [run["ratio"] for run in runs if run["ratio"] is not None]
+    if not ratios:
+        raise SystemExit("no repeat had a one-worker figure above zero")
     result = {
         "runs": runs,
+        "repeats_without_ratio": len(runs) - len(ratios),
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios), "ratio_max": max(ratios),
         "one_worker_ms_median": statistics.median(
@@ -65,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"chief of two workers / one worker: asynccb's share of the "
           f"checkpoint step on the training thread, median ratio "
           f"{result['ratio_median']:.2f} (min {result['ratio_min']:.2f}, "
-          f"max {result['ratio_max']:.2f}; {args.repeats} paired repeats of "
+          f"max {result['ratio_max']:.2f}; {len(ratios)} paired repeats of "
           f"{args.epochs} checkpoint steps); medians "
           f"{result['two_workers_chief_ms_median']:.3f} ms against "
           f"{result['one_worker_ms_median']:.3f} ms")

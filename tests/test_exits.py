@@ -201,6 +201,22 @@ def test_a_second_ctrl_c_discards_what_has_not_started(tmp_path):
     assert "KeyboardInterrupt" in stderr
 
 
+def test_sigterm_ends_the_wait_for_a_running_save_after_ctrl_c(tmp_path):
+    """Past Ctrl-C's grace asynccb waits for the save being written (a
+    thread cannot be stopped safely); a SIGTERM meanwhile bounds that wait
+    by its own grace, and the process ends as SIGTERM does."""
+    child = Child(tmp_path, "--list", "--due", "3", "--grace", "1",
+                  "--say-blocked", hold=True)
+    child.read_until("ready")  # 3 due: 1 at the gate, 2 queued.
+    child.process.send_signal(signal.SIGINT)
+    child.read_until("listed")  # The grace ran out; the gate stays shut.
+    child.process.send_signal(signal.SIGTERM)
+    assert child.finish() == -signal.SIGTERM, child.stderr()
+    assert child.files() == []  # The running save's temporary file too.
+    listed = child.stderr().split("the run ended by SIGTERM")[1]
+    assert f"{child.due[0]}') (running)" in listed, listed
+
+
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_sigterm_past_the_grace_lists_what_was_not_written(
         tmp_path, executor):

@@ -260,9 +260,10 @@ class RecordsItsWorker(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs = getattr(self, "epochs", 0) + 1
+        self.last_epoch = lambda: epoch  # Plain pickle cannot send it.
 
 
-def test_worker_is_set_apart_and_state_comes_back():
+def test_worker_is_set_apart_and_state_comes_back(caplog):
     callback = RecordsItsWorker()
     x, y = mnist_like(64)
     _model(Doubler()).fit(x, y, epochs=3, batch_size=32, verbose=0,
@@ -274,6 +275,9 @@ def test_worker_is_set_apart_and_state_comes_back():
     assert callback.threads == 1
     assert callback.niceness > os.nice(0)
     assert callback.epochs == 3  # The worker's state, copied back.
+    assert callback.last_epoch() == 2
+    assert not any("stays as it was" in message
+                   for message in caplog.messages), caplog.messages
 
 
 class KernelAtEpochEnd(keras.callbacks.Callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from asynccb._preemption import Deadline, no_deadline
 from asynccb._snapshot import Buffer, allocate_private
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,5 +93,11 @@ class Executor(abc.ABC):
         closed and empty."""
 
     @abc.abstractmethod
-    def stop(self) -> None:
-        """Waits for every consumer started (their queues closed) to end."""
+    def stop(self, deadline: Deadline = no_deadline) -> bool:
+        """Waits for every consumer started (their queues closed) to end,
+        or until `deadline` (a SIGTERM's: the process is ending, and they
+        with it).
+
+        Returns:
+            Whether every consumer ended.
+        """

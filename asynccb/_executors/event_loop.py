@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from asynccb._channel import CLOSED
 from asynccb._executors.base import Executor
 from asynccb._executors.placement import pin_this_thread
+from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
 from asynccb._lane import Lane
 
 __all__ = ["AsyncExecutor"]
@@ -99,13 +100,26 @@ class AsyncExecutor(Executor):
         self._consumers.append(
             self._portal.start_task_soon(_consume, lane, self._portal))
 
-    def stop(self) -> None:
-        """Waits for the consumers (channels closed) and stops the loop."""
+    def stop(self, deadline: Deadline = no_deadline) -> bool:
+        """Waits for the consumers (channels closed) and stops the loop
+        (see `Executor.stop`)."""
         try:
             while self._consumers:
-                self._consumers[-1].result()
+                due = deadline()
+                if passed(due):
+                    return False  # The loop's thread ends with the process.
+                try:
+                    self._consumers[-1].result(wait_slice(due))
+                except concurrent.futures.TimeoutError:
+                    continue
                 self._consumers.pop()
-        finally:
-            if self._stack is not None:
-                stack, self._stack, self._portal = self._stack, None, None
-                stack.close()
+        except BaseException:
+            self._close_loop()
+            raise
+        self._close_loop()
+        return True
+
+    def _close_loop(self) -> None:
+        if self._stack is not None:
+            stack, self._stack, self._portal = self._stack, None, None
+            stack.close()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-
 from typing import TYPE_CHECKING
 
 from asynccb._channel import CLOSED
 from asynccb._executors.base import Executor
 from asynccb._executors.placement import pin_this_thread
+from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._lane import Lane
@@ -51,8 +51,14 @@ class ThreadExecutor(Executor):
         thread.start()
         self._threads.append(thread)
 
-    def stop(self) -> None:
-        """Waits for the consumers, whose channels must be closed, to end."""
+    def stop(self, deadline: Deadline = no_deadline) -> bool:
+        """Waits for the consumers, whose channels must be closed, to end
+        (see `Executor.stop`)."""
         while self._threads:
-            self._threads[-1].join()
-            self._threads.pop()
+            due = deadline()
+            if passed(due):
+                return False
+            self._threads[-1].join(wait_slice(due))
+            if not self._threads[-1].is_alive():
+                self._threads.pop()
+        return True

@@ -22,6 +22,8 @@ import sys
 import threading
 from typing import Any
 
+import cloudpickle
+
 from asynccb._executors.process import messages
 from asynccb._executors.process.messages import USE_BLUEPRINT
 
@@ -69,7 +71,9 @@ def _callback_state(callback: Any
         if name == "_model":
             continue
         try:
-            attributes[name] = pickle.dumps(value)
+            # By value, as the callback came: a function or class of the
+            # user's script names a `__main__` that here is the worker's.
+            attributes[name] = cloudpickle.dumps(value)
         except TypeError:
             continue
         except Exception as exc:
