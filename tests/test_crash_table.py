@@ -72,6 +72,8 @@ import). Run with `-s` to have the table printed, as markdown, at the end.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import gc
 import os
 import resource
 import select
@@ -195,7 +197,15 @@ def _alarm(crashed):
     on `crashed`, `ALARM_S` after the crash (a thread of its own watches
     the signal, without reading it)."""
 
+    rung = []
+
     def ring(signum, frame):
+        if not rung:  # Where it hangs, once, on stderr.
+            faulthandler.dump_traceback(all_threads=True)
+        rung.append(signum)
+        # Again in a second if this one is swallowed: raised inside a
+        # `__del__` (TensorFlow's), it is only reported as unraisable.
+        signal.setitimer(signal.ITIMER_REAL, 1)
         raise Hung("the training thread was stuck")
 
     previous = signal.signal(signal.SIGALRM, ring)
@@ -214,9 +224,10 @@ def _alarm(crashed):
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         os.write(stop_write, b"!")
         watcher.join()
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # The watcher may arm it.
         signal.signal(signal.SIGALRM, previous)
         for fd in (report, stop_read, stop_write):
             os.close(fd)
@@ -393,6 +404,9 @@ def test_crash(row, tmp_path, signals, crash_table, caplog):
     threads_before = set(threading.enumerate())
     x, y = mnist_like(64)
     error = None
+    # The earlier tests' garbage (TensorFlow functions, whose finalizers
+    # are slow) is collected now, not in the timed window on this thread.
+    gc.collect()
     with _alarm(crashed):
         callbacks = [wrapper]
         if row.where == "result":
