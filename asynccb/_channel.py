@@ -79,14 +79,19 @@ class Channel:
                     if interrupted() or passed(due):
                         break
                     start = time.perf_counter()
-                    self._producer_blocked = True
-                    self._cond.notify_all()  # For `wait_producer_blocked`.
-                    try:
-                        self._cond.wait(wait_slice(due))
-                    finally:
-                        self._producer_blocked = False
+                    self._wait_blocked(due)
                     blocked += time.perf_counter() - start
         return blocked, dropped
+
+    def _wait_blocked(self, due: float | None) -> None:
+        """One wait of the producer, lock held: until a wake, `due` or a
+        slice (see `wait_slice`), seen by `wait_producer_blocked`."""
+        self._producer_blocked = True
+        self._cond.notify_all()
+        try:
+            self._cond.wait(wait_slice(due))
+        finally:
+            self._producer_blocked = False
 
     def _victim(self, policy: str) -> Any:
         droppable = [item for item in self._items
@@ -169,12 +174,7 @@ class Channel:
                 due = deadline()
                 if passed(due):
                     break
-                self._producer_blocked = True
-                self._cond.notify_all()  # For `wait_producer_blocked`.
-                try:
-                    self._cond.wait(wait_slice(due))
-                finally:
-                    self._producer_blocked = False
+                self._wait_blocked(due)
             return self._unfinished == 0
 
     def pending(self) -> list[Any]:
