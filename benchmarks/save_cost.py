@@ -300,8 +300,10 @@ def measure_size(mib: float, repeats: int, saves: int | None,
                     model, short, name, form, scratch, payloads[form]))
                 runs[form][name].append(fit_once(
                     model, (x, y), name, form, scratch, payloads[form]))
-            raws[form].append(raw_write_seconds(
-                runs[form]["keras"][-1]["file_bytes"], scratch))
+            # The keras warm-up's file size (the "keras" variant may not
+            # be among those measured).
+            raws[form].append(raw_write_seconds(len(payloads[form]),
+                                                scratch))
     asynccb.shutdown()
     return {
         "mib": mib, "width": width, "state_bytes": nbytes, "every": EVERY,
