@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from asynccb._dispatcher import Dispatcher
 
 __all__ = ["TooLate", "busy", "deadline", "run_ended", "run_started",
-           "passed", "wait_slice", "Deadline", "no_deadline"]
+           "passed", "wait_slice", "join_until", "Deadline", "no_deadline"]
 
 logger = logging.getLogger("asynccb")
 
@@ -129,6 +129,17 @@ def wait_slice(due: float | None) -> float:
     if due is None:
         return _WAIT_SLICE
     return max(0.0, min(_WAIT_SLICE, due - time.monotonic()))
+
+
+def join_until(thread: threading.Thread, deadline: "Deadline") -> bool:
+    """Joins `thread` in slices until it ends (`True`) or `deadline`, read
+    again at each slice, passes (`False`: the thread is left running)."""
+    while thread.is_alive():
+        due = deadline()
+        if passed(due):
+            return False
+        thread.join(wait_slice(due))
+    return True
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
+from asynccb._preemption import Deadline, join_until, no_deadline, wait_slice
 
 __all__ = [
     "StateLevel",
@@ -434,12 +434,7 @@ class BufferPool:
                 allocated is left to the process' end.
         """
         prefill = self._prefill
-        while prefill is not None and prefill.is_alive():
-            due = deadline()
-            if passed(due):
-                break
-            prefill.join(wait_slice(due))
-        else:
+        if prefill is None or join_until(prefill, deadline):
             self._prefill = None
         with self._cond:
             self._nbytes = 0

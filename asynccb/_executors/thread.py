@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from asynccb._channel import CLOSED
 from asynccb._executors.base import Executor
 from asynccb._executors.placement import pin_this_thread
-from asynccb._preemption import Deadline, no_deadline, passed, wait_slice
+from asynccb._preemption import Deadline, join_until, no_deadline
 
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._lane import Lane
@@ -55,10 +55,7 @@ class ThreadExecutor(Executor):
         """Waits for the consumers, whose channels must be closed, to end
         (see `Executor.stop`)."""
         while self._threads:
-            due = deadline()
-            if passed(due):
+            if not join_until(self._threads[-1], deadline):
                 return False
-            self._threads[-1].join(wait_slice(due))
-            if not self._threads[-1].is_alive():
-                self._threads.pop()
+            self._threads.pop()
         return True
