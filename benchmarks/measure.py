@@ -119,9 +119,15 @@ def raw_write_seconds(nbytes: int, directory: str,
             "wall_s": statistics.median(wall), "repeats": repeats}
 
 
-def write_and_sync(path: str, data: memoryview) -> None:
+def write_and_sync(path: str, data: memoryview,
+                   keep_cached: bool = False) -> None:
     """Writes `data` to a new file (`os.write` in pieces of 8 MiB), then
-    fsyncs it: the least any checkpoint format can cost for its bytes."""
+    fsyncs it: the least any checkpoint format can cost for its bytes.
+
+    Then, unless `keep_cached`, lets the kernel drop the file's pages from
+    its cache, as asynccb's saves do (a plain write, and Keras' saves,
+    keep them: each later write then takes new pages, which on a VM whose
+    free memory goes back to its host cost many times their copy)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for start in range(0, len(data), RAW_WRITE_CHUNK):
@@ -129,6 +135,8 @@ def write_and_sync(path: str, data: memoryview) -> None:
             while piece:
                 piece = piece[os.write(fd, piece):]
         os.fsync(fd)
+        if not keep_cached:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 

@@ -24,13 +24,18 @@ How to read the tables:
 - x raw: that over the same figure of the "raw write" variant, paired in
   the same repeat: a callback that, at each step a checkpoint is due,
   has a writer thread write a checkpoint file's worth of bytes from
-  memory to a new file (`os.write` in 8 MiB pieces, `fsync`). It is what the bytes of
-  the checkpoints cost, written at the same moments, under the same
-  page-cache and disk load as the checkpoints (a single write apart,
-  `measure.raw_write_seconds`, from a reused 8 MiB piece into a quiet page
-  cache, costs less: it is in the table, and in the JSON as
+  memory to a new file (`os.write` in 8 MiB pieces, `fsync`, the file's
+  pages then dropped from the page cache, as asynccb's saves do). It is
+  what the bytes of the checkpoints cost, written at the same moments,
+  under the same page-cache and disk load as the checkpoints (a single
+  write apart, `measure.raw_write_seconds`, from a reused 8 MiB piece
+  into a quiet page cache, is in the table, and in the JSON as
   `over_raw_write_apart`). Median over repeats, with min-max: 1x is about
   the least any format can cost.
+- "raw write, pages kept": the same writes keeping their pages cached, as
+  a plain write and Keras' saves do. On a VM whose free memory goes back
+  to its host (virtio-balloon free page reporting, as here), each write
+  then takes new pages, which cost many times their copy.
 - The JSON has each asynccb variant's `stats().save_paths` (last repeat;
   a warning is printed if a variant's paths contradict its name), and the
   wall time of each `fit` over the no-callback one's.
@@ -83,7 +88,8 @@ ASYNC = {  # Variant name: (executor, fast_saves).
     "asynccb process, fast off": ("process", False),
 }
 RAW = "raw write"
-VARIANTS = [BASELINE, RAW, "keras", *ASYNC]
+RAW_KEPT = "raw write, pages kept"
+VARIANTS = [BASELINE, RAW, "keras", *ASYNC, RAW_KEPT]
 """Every variant; the first two are always measured."""
 
 
@@ -140,9 +146,10 @@ def callbacks_of(name: str, form: str, directory: str,
 
     if name == BASELINE:
         return []
-    if name == RAW:
+    if name in (RAW, RAW_KEPT):
         assert payload is not None, "known from the keras warm-up fit"
-        return [_raw_writes_class()(directory, payload)]
+        return [_raw_writes_class()(directory, payload,
+                                    keep_cached=name == RAW_KEPT)]
     checkpoint = keras.callbacks.ModelCheckpoint(
         os.path.join(directory, FORMATS[form]), save_freq=EVERY,
         save_weights_only=form == ".weights.h5")
@@ -160,14 +167,18 @@ def _raw_writes_class() -> type:
     class RawWrites(keras.callbacks.Callback):
         """At each step a checkpoint is due, has a writer thread write a
         checkpoint's worth of bytes (random, from memory, as a save reads
-        its state) to a new file: `os.write` in 8 MiB pieces, then
-        `fsync`. Off the training thread, as an offloaded save is: a
-        training thread blocked on the disk costs CPU of its own (TF's
-        idle threads), which is not the bytes' cost."""
+        its state) to a new file: `os.write` in 8 MiB pieces, `fsync`,
+        then the file's pages dropped from the page cache unless
+        `keep_cached` (see `measure.write_and_sync`). Off the training
+        thread, as an offloaded save is: a training thread blocked on the
+        disk costs CPU of its own (TF's idle threads), which is not the
+        bytes' cost."""
 
-        def __init__(self, directory: str, payload: bytes):
+        def __init__(self, directory: str, payload: bytes,
+                     keep_cached: bool = False):
             super().__init__()
             self.directory, self.payload = directory, memoryview(payload)
+            self.keep_cached = keep_cached
             self.paths: queue.SimpleQueue = queue.SimpleQueue()
             self.writer: threading.Thread | None = None
 
@@ -177,7 +188,7 @@ def _raw_writes_class() -> type:
 
         def _write(self) -> None:
             while (path := self.paths.get()) is not None:
-                write_and_sync(path, self.payload)
+                write_and_sync(path, self.payload, self.keep_cached)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if (batch + 1) % EVERY == 0:

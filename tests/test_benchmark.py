@@ -191,7 +191,8 @@ def test_tiny_save_cost(tmp_path):
     assert [row["mib"] for row in saved["sizes"]] == [1.0, 2.0]
     variants = ["none", "raw write", "keras", "asynccb thread",
                 "asynccb process",
-                "asynccb thread, fast off", "asynccb process, fast off"]
+                "asynccb thread, fast off", "asynccb process, fast off",
+                "raw write, pages kept"]
     for row in saved["sizes"]:
         assert row["saves"] == 3 and row["tf_intra_threads"] == 1
         assert set(row["formats"]) == {".keras", ".weights.h5"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 
 import pytest
@@ -29,6 +31,49 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
             1 / 0
     assert target.read_bytes() == b"new"
     assert sorted(os.listdir(tmp_path)) == ["model.keras"]
+
+
+def _cached_pages(path) -> int:
+    """How many of the file's pages are in the page cache (`mincore`)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        # A private mapping, so ctypes can take its address; nothing is
+        # written, so mincore reports the file's own pages.
+        mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        view = (ctypes.c_char * size).from_buffer(mapped)
+        pages = -(-size // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(view)),
+                        ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        del view
+        return sum(page & 1 for page in vector)
+    finally:
+        mapped.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="Linux only")
+def test_a_saved_file_leaves_the_page_cache(tmp_path):
+    """The checkpoint is on disk (fsync) and its pages are given back, so
+    the next save reuses them instead of taking new memory."""
+    payload = os.urandom(4 * 2**20)
+    kept = tmp_path / "plain.bin"
+    kept.write_bytes(payload)
+    fd = os.open(kept, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    if _cached_pages(kept) == 0:
+        pytest.skip("this file system does not keep written pages cached")
+    target = tmp_path / "model.weights.h5"
+    with atomic_path(str(target)) as tmp:
+        with open(tmp, "wb") as file:
+            file.write(payload)
+        assert _cached_pages(tmp) > 0  # Cached while written.
+    assert _cached_pages(target) == 0
+    assert _cached_pages(kept) > 0  # A plain write's pages stay.
+    assert target.read_bytes() == payload
 
 
 def test_pool_reuses_at_most_capacity_buffers():
