@@ -228,7 +228,7 @@ def checkpoint_size(runs: list[dict], config) -> int:
 def measure(args: argparse.Namespace, config, scratch: str) -> dict:
     """Runs the schedule, the raw write and (with --sweep) the sweep."""
     import runner
-    from measure import raw_write_seconds
+    from raw_writes import raw_write_seconds
     from report import mark_slow, summarize
 
     runs = runner.run_schedule(schedule_of(args, config), args.repeats,

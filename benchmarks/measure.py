@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from asynccb._hooks import ALL_HOOKS, BATCH_HOOKS, EPOCH_HOOKS, call_hook
+from raw_writes import own_cpu_seconds
 
 
 def state_nbytes(model: Any) -> int:
@@ -64,16 +65,6 @@ def cpu_probe(size: int = PROBE_SIZE, rounds: int = PROBE_ROUNDS) -> float:
     return time.perf_counter() - start
 
 
-def own_cpu_seconds() -> float:
-    """User plus system CPU seconds of this process (all its threads).
-
-    `time.process_time` is the same sum as `os.times()`' user + system,
-    read with nanosecond resolution instead of clock ticks (10 ms here):
-    a single raw write of a checkpoint's bytes costs about that much.
-    """
-    return time.process_time()
-
-
 class CpuWindow:
     """CPU seconds of this process (`trainer_s`) and of its descendants,
     asynccb's worker processes (`workers_s`), between `begin` and `end`.
@@ -94,62 +85,6 @@ class CpuWindow:
     def end(self) -> None:
         self.trainer_s = own_cpu_seconds() - self._trainer
         self.workers_s = descendants_cpu_and_rss()[0] - self._workers
-
-
-RAW_WRITE_CHUNK = 8 * 2**20
-
-
-def raw_write_seconds(nbytes: int, directory: str,
-                      repeats: int = 5) -> dict[str, float]:
-    """What writing `nbytes` costs with no format around them: a new file
-    written with `os.write` in 8 MiB chunks, then fsynced; the medians of
-    `repeats` writes' CPU seconds (this process) and wall seconds."""
-    # Random bytes: a file system that compresses or dedupes gains nothing.
-    chunk = memoryview(np.random.default_rng(0).bytes(
-        min(RAW_WRITE_CHUNK, max(nbytes, 1))))
-    path = os.path.join(directory, "raw-write.bin")
-    cpu, wall = [], []
-    for _ in range(repeats):
-        cpu_start, start = own_cpu_seconds(), time.perf_counter()
-        _write_and_sync(path, nbytes, chunk)
-        wall.append(time.perf_counter() - start)
-        cpu.append(own_cpu_seconds() - cpu_start)
-        os.remove(path)
-    return {"bytes": nbytes, "cpu_s": statistics.median(cpu),
-            "wall_s": statistics.median(wall), "repeats": repeats}
-
-
-def write_and_sync(path: str, data: memoryview,
-                   keep_cached: bool = False) -> None:
-    """Writes `data` to a new file (`os.write` in pieces of 8 MiB), then
-    fsyncs it: the least any checkpoint format can cost for its bytes.
-
-    Then, unless `keep_cached`, lets the kernel drop the file's pages from
-    its cache, as asynccb's saves do (a plain write, and Keras' saves,
-    keep them: each later write then takes new pages, which on a VM whose
-    free memory goes back to its host cost many times their copy)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for start in range(0, len(data), RAW_WRITE_CHUNK):
-            piece = data[start:start + RAW_WRITE_CHUNK]
-            while piece:
-                piece = piece[os.write(fd, piece):]
-        os.fsync(fd)
-        if not keep_cached:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _write_and_sync(path: str, nbytes: int, chunk: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left > 0:
-            left -= os.write(fd, chunk[:min(left, len(chunk))])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 ASYNCCB_WORKER = "asynccb._executors.process.worker"

@@ -162,7 +162,7 @@ def callbacks_of(name: str, form: str, directory: str,
 def _raw_writes_class() -> type:
     import keras
 
-    from measure import write_and_sync
+    from raw_writes import write_and_sync
 
     class RawWrites(keras.callbacks.Callback):
         """At each step a checkpoint is due, has a writer thread write a
@@ -276,7 +276,8 @@ def measure_size(mib: float, repeats: int, saves: int | None,
                  scratch: str, variants: list[str]) -> dict[str, Any]:
     """Every format x variant, `repeats` times, for one size of state."""
     import asynccb
-    from measure import raw_write_seconds, state_nbytes
+    from measure import state_nbytes
+    from raw_writes import raw_write_seconds
     from runner import width_for_state
     from variants import build_model, synthetic_data
 
