@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import queue
@@ -251,10 +252,11 @@ def summarize(runs: dict[str, list[dict]], firsts: dict[str, list[dict]],
     rows = []
     for name, own in runs.items():
         costs = per_save(name)
-        ratios = [c / r if r > 0 else float("nan")
-                  for c, r in zip(costs, raw)]
-        apart = [c / w["cpu_s"] if w["cpu_s"] > 0 else float("nan")
-                 for c, w in zip(costs, raws)]
+        # A repeat whose raw write variant measured as nothing (noise at
+        # the smallest sizes) has no ratio.
+        ratios = [c / r for c, r in zip(costs, raw) if r > 0] or [math.nan]
+        apart = [c / w["cpu_s"] for c, w in zip(costs, raws)
+                 if w["cpu_s"] > 0] or [math.nan]
         rows.append({
             "name": name,
             "cpu_per_checkpoint_s": statistics.median(costs),
