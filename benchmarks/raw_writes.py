@@ -1,6 +1,6 @@
 """Raw writes: what a checkpoint's bytes cost with no format around them.
 
-No TensorFlow here, so that `page_cache.py` measures the machine alone.
+No TensorFlow here: these measure the machine, not a model.
 """
 
 from __future__ import annotations

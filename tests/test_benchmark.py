@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,20 +238,3 @@ def test_tiny_chief_cost_run(tmp_path):
     assert result["ratio_median"] == run["ratio"]
     assert "chief of two workers / one worker" in done.stdout
 
-
-def test_tiny_page_cache_run():
-    # No TensorFlow: the machine's cost of writes that keep their pages.
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "page_cache.py"), "--sizes",
-         "1,2", "--writes", "2", "--repeats", "2"],
-        capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    lines = completed.stdout.splitlines()
-    assert lines[0] in ("free page reporting: True",
-                        "free page reporting: False",
-                        "free page reporting: None")
-    assert lines[1].startswith("| MiB | one write apart ms | pages dropped")
-    cell = r"[0-9.]+ \([0-9.]+x, [0-9.]+-[0-9.]+\)"
-    for line, mib in zip(lines[3:], ("1", "2"), strict=True):
-        assert re.fullmatch(rf"\| {mib} \| [0-9.]+ \| {cell} \| {cell} \|",
-                            line), line
