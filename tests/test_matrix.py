@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import keras
@@ -190,7 +191,7 @@ class PredictionCheck(keras.callbacks.Callback):
         predictions = self.model.predict(self.probe, verbose=0)
         np.save(os.path.join(self.directory, f"check-{what}.npy"),
                 predictions)
-        print(f"check {what}: {float(predictions.sum()):.6f}")
+        _say(f"check {what}: {float(predictions.sum()):.6f}")
 
     def on_epoch_end(self, epoch, logs=None):
         self._check(f"epoch{epoch}")
@@ -202,6 +203,13 @@ class PredictionCheck(keras.callbacks.Callback):
         self._check("predict")
 
 
+def _say(line: str) -> None:
+    """Prints `line` in one write: `print` writes the text and the newline
+    apart, so two callbacks printing at once on two workers could splice
+    their lines (seen once in CI: "lambda epoch 0: ...check epoch0: ...")."""
+    sys.stdout.write(line + "\n")
+
+
 def _append(path: str, line: str) -> None:
     with open(path, "a") as file:
         file.write(line + "\n")
@@ -210,12 +218,12 @@ def _append(path: str, line: str) -> None:
 def _lambda(directory: str) -> keras.callbacks.LambdaCallback:
     batches = os.path.join(directory, "batches.txt")
     return keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: print(
+        on_epoch_end=lambda epoch, logs: _say(
             f"lambda epoch {epoch}: loss={logs['loss']:.6f}"),
         on_train_batch_end=lambda batch, logs: _append(
             batches, f"{batch} {logs['loss']:.6f}"),
-        on_test_end=lambda logs: print(f"lambda test: {sorted(logs)}"),
-        on_predict_end=lambda logs: print("lambda predict"),
+        on_test_end=lambda logs: _say(f"lambda test: {sorted(logs)}"),
+        on_predict_end=lambda logs: _say("lambda predict"),
     )
 
 
