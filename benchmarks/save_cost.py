@@ -28,7 +28,7 @@ How to read the tables:
   pages then dropped from the page cache, as asynccb's saves do). It is
   what the bytes of the checkpoints cost, written at the same moments,
   under the same page-cache and disk load as the checkpoints (a single
-  write apart, `measure.raw_write_seconds`, from a reused 8 MiB piece
+  write apart, `raw_writes.raw_write_seconds`, from a reused 8 MiB piece
   into a quiet page cache, is in the table, and in the JSON as
   `over_raw_write_apart`). Median over repeats, with min-max: 1x is about
   the least any format can cost.
@@ -170,7 +170,7 @@ def _raw_writes_class() -> type:
         checkpoint's worth of bytes (random, from memory, as a save reads
         its state) to a new file: `os.write` in 8 MiB pieces, `fsync`,
         then the file's pages dropped from the page cache unless
-        `keep_cached` (see `measure.write_and_sync`). Off the training
+        `keep_cached` (see `raw_writes.write_pieces`). Off the training
         thread, as an offloaded save is: a training thread blocked on the
         disk costs CPU of its own (TF's idle threads), which is not the
         bytes' cost."""

@@ -237,4 +237,3 @@ def test_tiny_chief_cost_run(tmp_path):
     assert run["one_worker_ms"] > 0 and run["two_workers_chief_ms"] > 0
     assert result["ratio_median"] == run["ratio"]
     assert "chief of two workers / one worker" in done.stdout
-
