@@ -271,7 +271,44 @@ def _learning_inputs(tmp_path):
     path = tmp_path / "model.weights.h5"
     model.save_weights(path)
     return (str(path), dataset_slots(model, variables),
-            buffer.views(layout.spec))
+            buffer.views(layout.spec), model)
+
+
+@pytest.mark.parametrize("batch, chunk, pieces", [
+    (4096, 1024, 1024),  # Many batches; the weights' checksum set late.
+    (8192, 4096, 3),  # Batches cut short by the pieces a call may take.
+    (2**30, 2**18, 1024),  # One batch: the checksum set before writing.
+])
+def test_a_file_written_in_batches_is_the_file_keras_wrote(
+        tmp_path, monkeypatch, batch, chunk, pieces):
+    """However the pieces of a save fall into write batches, the file is
+    Keras' (its weights entry's checksum included: `zipfile` checks it)."""
+    from asynccb import _file_template
+    from asynccb._file_template import learn_keras_file, learn_weights_file
+
+    monkeypatch.setattr(_file_template, "_BATCH", batch)
+    monkeypatch.setattr(_file_template, "_CHUNK", chunk)
+    monkeypatch.setattr(_file_template, "_MAX_PIECES", pieces)
+    path, slots, arrays, model = _learning_inputs(tmp_path)
+    template = learn_weights_file(path, slots, arrays)
+    rewritten = tmp_path / "rewritten.weights.h5"
+    template.write(str(rewritten), arrays)
+    assert rewritten.read_bytes() == Path(path).read_bytes()
+
+    keras_file = tmp_path / "model.keras"
+    model.save(keras_file)
+    template = learn_keras_file(str(keras_file), slots, arrays, ())
+    rewritten = tmp_path / "rewritten.keras"
+    template.write(str(rewritten), arrays)
+    assert keras_entries(rewritten) == keras_entries(keras_file)
+    # Another state: `zipfile` checks the central directory's checksums
+    # against the data; each entry's local header must have them too.
+    template.write(str(rewritten), [a + np.ones((), a.dtype) for a in arrays])
+    with zipfile.ZipFile(rewritten) as archive, open(rewritten, "rb") as f:
+        assert archive.testzip() is None
+        for info in archive.infolist():
+            f.seek(info.header_offset + 14)
+            assert int.from_bytes(f.read(4), "little") == info.CRC
 
 
 def test_learning_proves_the_file_holds_the_snapshot(tmp_path):
@@ -283,7 +320,7 @@ def test_learning_proves_the_file_holds_the_snapshot(tmp_path):
     from asynccb._errors import CannotCopySave
     from asynccb._file_template import learn_weights_file
 
-    path, slots, arrays = _learning_inputs(tmp_path)
+    path, slots, arrays, _ = _learning_inputs(tmp_path)
     template = learn_weights_file(path, slots, arrays)  # As Keras wrote it.
     rewritten = tmp_path / "rewritten.weights.h5"
     template.write(str(rewritten), arrays)
