@@ -28,6 +28,7 @@ from asynccb._file_template import (
 from asynccb._save_sources import dataset_slots
 from asynccb._saving import atomic_path, save_atomically, save_target
 from asynccb._snapshot import (
+    Snapshot,
     StateLevel,
     host_array,
     state_variables,
@@ -90,6 +91,8 @@ class _State:
     signature: tuple
     arrays: Callable[[], Sequence[np.ndarray]]
     model: Callable[[], Any]
+    written: Callable[[], None] = lambda: None
+    """Called once the values are in the file (before it is synced)."""
 
 
 def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
@@ -101,6 +104,7 @@ def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
         target = save_target(args[0], kwargs.get("overwrite", True))
         with atomic_path(target) as tmp:
             known.write(tmp, state.arrays())
+            state.written()  # Before the sync, which may take a while.
         return FAST
     if isinstance(known, str):
         reason = known  # Learning showed this layout cannot be copied.
@@ -147,8 +151,12 @@ def save(shadow: Shadow, task: Task) -> str:
     """
     snapshot = task.snapshot
     assert snapshot is not None, "a save always has a snapshot"
+    # A snapshot held in this process lets go once the file has its
+    # values: held tensors that training updates while held, it copies.
     state = _State(snapshot.level, snapshot.layout.signature,
-                   snapshot.arrays, lambda: shadow.apply(snapshot))
+                   snapshot.arrays, lambda: shadow.apply(snapshot),
+                   task.release_snapshot if isinstance(snapshot, Snapshot)
+                   else lambda: None)
     if task.name == BACKUP:
         return write_backup(
             lambda path: _save(shadow, "save_weights", (path,), {},

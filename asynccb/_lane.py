@@ -23,7 +23,7 @@ from asynccb._roles import (
     uses_model,
     waits_for_saves,
 )
-from asynccb._snapshot import Snapshot, StateLevel
+from asynccb._snapshot import StateLevel
 from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
 from asynccb._tasks import Task, TaskRunner
@@ -234,13 +234,7 @@ class Lane:
         self.completed += 1
 
     def _release(self, task: Task) -> None:
-        snapshot = task.snapshot
-        if snapshot is not None:
-            # In the training process, a `Snapshot` (only a worker
-            # process' tasks hold a `SnapshotRef`).
-            assert isinstance(snapshot, Snapshot), snapshot
-            snapshot.release()
-            task.snapshot = None
+        task.release_snapshot()
         self.channel.done()
 
     def run(self, task: Task) -> None:

@@ -76,6 +76,16 @@ class Task:
             return describe_call(self.name, self.args)
         return f"{self.name}()"
 
+    def release_snapshot(self) -> None:
+        """Lets go of the snapshot, in the training process, once the work
+        no longer reads it (a save whose bytes are written): training's
+        next update then need not copy the values it holds. Idempotent."""
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is not None:
+            # Only a worker process' tasks hold a `SnapshotRef`.
+            assert isinstance(snapshot, Snapshot), snapshot
+            snapshot.release()
+
 
 def _learning_rate(model: Any) -> float | None:
     optimizer = getattr(model, "optimizer", None)

@@ -274,6 +274,50 @@ def _learning_inputs(tmp_path):
             buffer.views(layout.spec), model)
 
 
+@pytest.mark.parametrize("executor_", ["thread", "async"])
+def test_a_fast_save_lets_go_of_its_snapshot_before_the_sync(
+        tmp_path, monkeypatch, executor_):
+    """Held tensors that training updates while a snapshot holds them,
+    TensorFlow copies: a fast save lets go of its snapshot once its bytes
+    are written, not after the sync, which may take many steps."""
+    import threading
+
+    from asynccb import _saving
+    from asynccb._snapshot import Snapshot
+
+    events = []  # (what, snapshot serial, thread), in order.
+    release, fsync_path = Snapshot.release, _saving._fsync_path
+
+    def recorded_release(self):
+        events.append(("release", self.serial, threading.get_ident()))
+        release(self)
+
+    def recorded_fsync(path, directory=False):
+        if not directory:
+            events.append(("sync", None, threading.get_ident()))
+        fsync_path(path, directory)
+
+    monkeypatch.setattr(Snapshot, "release", recorded_release)
+    monkeypatch.setattr(_saving, "_fsync_path", recorded_fsync)
+    wrapped = AsyncCallback(keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "{batch:02d}.weights.h5"), save_weights_only=True,
+        save_freq=1), executor=executor_)
+    x, y = mnist_like(128)
+    make_model("functional").fit(x, y, epochs=1, **FIT, callbacks=[wrapped])
+    assert wrapped.stats().save_paths == {FIRST: 1, FAST: 3}
+    syncs = [at for at, (what, _, _) in enumerate(events) if what == "sync"]
+    serials = sorted({serial for what, serial, _ in events
+                      if what == "release"})
+    assert len(syncs) == len(serials) == 4  # A snapshot per save.
+    training = threading.get_ident()
+    for synced_at, serial in list(zip(syncs, serials))[1:]:  # Fast saves.
+        # Off the training thread (which lets go of it too, once it has
+        # handed it out), the save let go of its snapshot before the sync.
+        saver_released = [at for at, (what, of, thread) in enumerate(events)
+                          if of == serial and thread != training]
+        assert saver_released and saver_released[0] < synced_at, events
+
+
 @pytest.mark.parametrize("batch, chunk, pieces", [
     (4096, 1024, 1024),  # Many batches; the weights' checksum set late.
     (8192, 4096, 3),  # Batches cut short by the pieces a call may take.
