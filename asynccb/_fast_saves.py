@@ -93,6 +93,8 @@ class _State:
     model: Callable[[], Any]
     written: Callable[[], None] = lambda: None
     """Called once the values are in the file (before it is synced)."""
+    slot_written: Callable[[int], None] = lambda slot: None
+    """Called with each slot once its value is in the file."""
 
 
 def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
@@ -103,7 +105,7 @@ def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
     if isinstance(known, Template) and known.fits(state.arrays()):
         target = save_target(args[0], kwargs.get("overwrite", True))
         with atomic_path(target) as tmp:
-            known.write(tmp, state.arrays())
+            known.write(tmp, state.arrays(), state.slot_written)
             state.written()  # Before the sync, which may take a while.
         return FAST
     if isinstance(known, str):
@@ -151,12 +153,13 @@ def save(shadow: Shadow, task: Task) -> str:
     """
     snapshot = task.snapshot
     assert snapshot is not None, "a save always has a snapshot"
-    # A snapshot held in this process lets go once the file has its
-    # values: held tensors that training updates while held, it copies.
     state = _State(snapshot.level, snapshot.layout.signature,
-                   snapshot.arrays, lambda: shadow.apply(snapshot),
-                   task.release_snapshot if isinstance(snapshot, Snapshot)
-                   else lambda: None)
+                   snapshot.arrays, lambda: shadow.apply(snapshot))
+    if isinstance(snapshot, Snapshot):
+        # Held in this process: held tensors that training updates, it
+        # copies, so the save lets go of each as soon as the file has it.
+        state.slot_written = snapshot.let_go_of
+        state.written = task.release_snapshot
     if task.name == BACKUP:
         return write_backup(
             lambda path: _save(shadow, "save_weights", (path,), {},

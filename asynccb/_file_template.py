@@ -18,14 +18,16 @@ with the time of saving get the time of this one.
 
 from __future__ import annotations
 
+import collections
 import datetime
+import functools
 import json
 import os
 import struct
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -108,60 +110,69 @@ class Template:
         """Whether the config learned holds for a snapshot (`.keras`)."""
         return _key(arrays, self.key_slots) == self.config_key
 
-    def write(self, path: str, arrays: Sequence[np.ndarray]) -> None:
-        """Writes the file for the state in `arrays` (snapshot order)."""
-        data = [_bytes(arrays[region.slot]).data for region in self.regions]
+    def write(self, path: str, arrays: Sequence[np.ndarray],
+              written: Callable[[int], None] = lambda slot: None) -> None:
+        """Writes the file for the state in `arrays` (snapshot order).
+
+        `written` is called with each slot once its bytes are in the file,
+        after which the writer holds no reference to it: the caller may
+        let go of it while later slots are written.
+        """
+        data: list[memoryview | None] = [
+            _bytes(arrays[region.slot]).data for region in self.regions]
         if self.weights_span is not None:
             self._stamp_time(time.time())
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            self._write_blocks(fd, data)
+            self._write_blocks(fd, data, written)
         finally:
             os.close(fd)
 
-    def _write_blocks(self, fd: int, data: list[memoryview]) -> None:
+    def _write_blocks(self, fd: int, data: list[memoryview | None],
+                      written: Callable[[int], None]) -> None:
         """Writes the fixed pieces and the data in file order, in chunks
-        gathered into aligned batches (see `_BATCH`); a `.keras` file's
+        gathered into aligned batches (see `_Batches`); a `.keras` file's
         weights entry is checksummed chunk by chunk just before the chunk
         joins a batch, while it is in the cache, and its checksum set
         before the central directory is written (and in the entry's header,
         in the file if it was written before the checksum was known)."""
-        span = self.weights_span
-        crc, offset, written = 0, 0, 0
-        batch: list[memoryview] = []
-        for block in self._blocks(data):
-            lo = 0
-            while lo < len(block):
-                # Chunks end at multiples of `_CHUNK` into the file, so
-                # none spans two batches.
-                hi = min(len(block), lo + _CHUNK - offset % _CHUNK)
-                chunk, lo = block[lo:hi], hi
-                if span is not None:
-                    a, b = max(span[0] - offset, 0), min(span[1] - offset,
-                                                         len(chunk))
-                    if a < b:
-                        crc = crc32(chunk[a:b], crc)
-                    if offset + len(chunk) >= span[1]:
-                        assert self.weights_stamp is not None
-                        # Patched in the fixed pieces, which a batch not
-                        # yet written holds views of.
-                        self._set_crc(self.weights_stamp, crc)
-                        header = self.weights_stamp.local + 14
-                        if header < written:
-                            os.pwrite(fd, struct.pack("<I", crc), header)
-                        span = None
-                batch.append(chunk)
-                offset += len(chunk)
-                if offset % _BATCH == 0 or len(batch) == _MAX_PIECES:
-                    _write_all(fd, batch)
-                    batch, written = [], offset
-        _write_all(fd, batch)
+        out = _Batches(fd)
+        weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
+        regions_left = collections.Counter(r.slot for r in self.regions)
+        for index, piece in enumerate(self.fixed):
+            weights = self._add(out, memoryview(piece), weights)
+            if index == len(self.regions):
+                break
+            block, data[index] = data[index], None
+            assert block is not None
+            # Once its last batch is written, nothing here references it.
+            weights = self._add(out, block, weights)
+            del block
+            slot = self.regions[index].slot
+            regions_left[slot] -= 1
+            if not regions_left[slot]:
+                out.then(functools.partial(written, slot))
+        out.flush()
 
-    def _blocks(self, data: list[memoryview]) -> list[memoryview]:
-        blocks = []
-        for piece, block in zip(self.fixed, data):
-            blocks += [memoryview(piece), block]
-        return blocks + [memoryview(self.fixed[-1])]
+    def _add(self, out: "_Batches", block: memoryview,
+             weights: tuple[tuple[int, int] | None, int]
+             ) -> tuple[tuple[int, int] | None, int]:
+        """Adds `block` to `out`, checksumming what of it lies in the
+        weights entry: `weights` is that entry's span of the file (`None`
+        once its checksum is set) and the checksum so far; returns them
+        updated."""
+        span, crc = weights
+        for chunk in _chunks(block, out.offset):
+            if span is not None:
+                a = max(span[0] - out.offset, 0)
+                b = min(span[1] - out.offset, len(chunk))
+                if a < b:
+                    crc = crc32(chunk[a:b], crc)
+                if out.offset + len(chunk) >= span[1]:
+                    self._set_weights_crc(out, crc)
+                    span = None
+            out.add(chunk)
+        return span, crc
 
     # The zip entries' fields, patched in the fixed pieces.
 
@@ -184,6 +195,16 @@ class Template:
                 # Time and date: at +10 in a local header, +12 in central.
                 self._patch(stamp.local + 10, dos)
                 self._patch(stamp.central + 12, dos)
+
+    def _set_weights_crc(self, out: "_Batches", crc: int) -> None:
+        """Sets the weights entry's checksum in the fixed pieces (which a
+        batch not yet written holds views of), and in the local header in
+        the file if `out` wrote it already."""
+        assert self.weights_stamp is not None
+        self._set_crc(self.weights_stamp, crc)
+        header = self.weights_stamp.local + 14
+        if header < out.written:
+            os.pwrite(out.fd, struct.pack("<I", crc), header)
 
     def _set_crc(self, stamp: _Stamp, crc: int) -> None:
         # CRC-32: at +14 in a local header, +16 in the central directory.
@@ -217,6 +238,49 @@ def _bytes(array: np.ndarray) -> np.ndarray:
 
 def _key(arrays: Sequence[np.ndarray], slots: tuple[int, ...]) -> bytes:
     return b"".join(_bytes(arrays[slot]).tobytes() for slot in slots)
+
+
+def _chunks(block: memoryview, offset: int) -> Iterator[memoryview]:
+    """`block`, written at `offset` into the file, in pieces that end at
+    multiples of `_CHUNK` into the file (so none spans two batches)."""
+    lo = 0
+    while lo < len(block):
+        hi = min(len(block), lo + _CHUNK - (offset + lo) % _CHUNK)
+        yield block[lo:hi]
+        lo = hi
+
+
+class _Batches:
+    """Gathers pieces into writes that end at multiples of `_BATCH` into
+    the file (one `os.writev` each, at most `_MAX_PIECES` pieces).
+
+    Attributes:
+        offset: Bytes added so far.
+        written: Bytes written to the file so far.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.offset = self.written = 0
+        self._pieces: list[memoryview] = []
+        self._then: list[Callable[[], None]] = []
+
+    def add(self, piece: memoryview) -> None:
+        self._pieces.append(piece)
+        self.offset += len(piece)
+        if self.offset % _BATCH == 0 or len(self._pieces) == _MAX_PIECES:
+            self.flush()
+
+    def then(self, done: Callable[[], None]) -> None:
+        """Calls `done` once what was added so far is in the file."""
+        self._then.append(done)
+
+    def flush(self) -> None:
+        _write_all(self.fd, self._pieces)
+        self.written = self.offset
+        done, self._then = self._then, []
+        for call in done:
+            call()
 
 
 def _write_all(fd: int, pieces: list[memoryview]) -> None:

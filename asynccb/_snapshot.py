@@ -490,6 +490,17 @@ class Snapshot:
             self._holders += 1
         return self
 
+    def let_go_of(self, index: int) -> None:
+        """Drops the held value of variable `index` (snapshot order), if
+        the caller is the snapshot's only holder and reads it no more (a
+        save wrote it): TensorFlow then need not copy the variable when
+        training updates it before the rest is written."""
+        with self._lock:
+            # One holder: the dispatch that took it has ended (it holds the
+            # snapshot while it may share it), so no one can take it again.
+            if self._holders == 1 and self._held is not None:
+                self._held[index] = None  # type: ignore[call-overload]
+
     def release(self) -> None:
         with self._lock:
             self._holders -= 1

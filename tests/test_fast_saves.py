@@ -355,6 +355,42 @@ def test_a_file_written_in_batches_is_the_file_keras_wrote(
             assert int.from_bytes(f.read(4), "little") == info.CRC
 
 
+def test_each_slot_is_let_go_of_once_its_bytes_are_in_the_file(
+        tmp_path, monkeypatch):
+    """A save reports each variable once the file has its bytes, holding
+    no reference to it after: the caller lets go of it while the rest is
+    written (training then need not copy it on its next update)."""
+    import weakref
+
+    from asynccb import _file_template
+    from asynccb._file_template import learn_weights_file
+
+    monkeypatch.setattr(_file_template, "_BATCH", 8192)
+    monkeypatch.setattr(_file_template, "_CHUNK", 4096)
+    path, slots, views, _ = _learning_inputs(tmp_path)
+    template = learn_weights_file(path, slots, views)
+    arrays = [np.array(view) for view in views]  # The caller's, alone.
+    alive = [weakref.ref(array) for array in arrays]
+    rewritten = tmp_path / "rewritten.weights.h5"
+    seen = {}  # Slot: (the file's bytes then, whether it was still alive).
+
+    def written(slot):
+        arrays[slot] = None
+        seen[slot] = (rewritten.read_bytes(), alive[slot]() is not None)
+
+    template.write(str(rewritten), arrays, written)
+    final = rewritten.read_bytes()
+    assert final == Path(path).read_bytes()
+    assert sorted(seen) == sorted({r.slot for r in template.regions})
+    for region in template.regions:
+        then, still_alive = seen[region.slot]
+        end = region.offset + region.nbytes
+        assert then[region.offset:end] == final[region.offset:end]
+        assert not still_alive, region
+    # Reported as the file grew, not all at its end.
+    assert min(len(then) for then, _ in seen.values()) < len(final) / 2
+
+
 def test_learning_proves_the_file_holds_the_snapshot(tmp_path):
     """Learning refuses a file it could not rewrite exactly: a dataset
     stored otherwise than Keras stores it (compressed), or bytes that are

@@ -277,6 +277,31 @@ def test_a_shared_shadow_copies_a_snapshot_it_holds_only_once():
     np.testing.assert_array_equal(kernel.numpy(), model.weights[0].numpy())
 
 
+def test_a_held_value_is_let_go_of_only_by_its_only_holder():
+    from asynccb._snapshot import (
+        Snapshot,
+        StateLayout,
+        StateLevel,
+        allocate_held,
+        state_variables,
+    )
+
+    model = make_model()
+    layout = StateLayout(StateLevel.WEIGHTS,
+                         state_variables(model, StateLevel.WEIGHTS))
+    snapshot = Snapshot(StateLevel.WEIGHTS, layout.spec, allocate_held(0),
+                        None, False, held=layout.hold()).retain()
+    snapshot.retain()  # A second lane saving the same step.
+    snapshot.let_go_of(0)
+    np.testing.assert_array_equal(snapshot.arrays()[0],
+                                  model.weights[0].numpy())
+    snapshot.release()  # The other lane is done.
+    snapshot.let_go_of(0)
+    assert snapshot.arrays()[0] is None
+    np.testing.assert_array_equal(snapshot.arrays()[1],
+                                  model.weights[1].numpy())
+
+
 class WaitsAtFirstStep(keras.callbacks.Callback):
     """Offloaded: its first hook waits until training is `steps` further,
     then records the weights its model holds."""
