@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 from artifacts import assert_same_checkpoints
-from conftest import JOIN_TIMEOUT_S, mnist_like, shared_segments
+from conftest import JOIN_TIMEOUT_S, make_model, mnist_like, shared_segments
 from crossproc import children_of, wait_for_exit
 from gated import GatedSave
 from recording import LiveWeights
@@ -347,6 +347,29 @@ def test_a_later_fit_reuses_the_warm_worker_and_its_shadow():
     assert pid_again == pid != os.getpid()
     assert shadow_again == shadow  # Not rebuilt.
     assert second.seen[0][0] == pid  # The same worker serves both.
+
+
+def _unlinked_segments_mapped(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as maps:
+        return len({line.split()[5] for line in maps
+                    if "/asynccb-" in line and line.endswith("(deleted)\n")})
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux only")
+def test_a_warm_worker_maps_no_segment_of_an_ended_run_for_long():
+    """Each run's snapshot buffers are new segments, removed at its end;
+    a warm worker unmaps those of ended runs once a new run sends one, so
+    fits with new callbacks do not pile up memory in it."""
+    model = make_model()
+    x, y = mnist_like(64)
+    mapped = []
+    for _ in range(4):
+        callback = RecordsItsWorker()
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[
+            AsyncCallback(callback, executor="process", state="weights")])
+        # The last run's buffers (at most `max_snapshots`) only.
+        mapped.append(_unlinked_segments_mapped(callback.pid))
+    assert max(mapped) <= 2, mapped
 
 
 def test_idle_worker_stops_after_the_timeout():

@@ -11,6 +11,19 @@ import pytest
 from conftest import make_model, mnist_like
 
 from asynccb import AsyncCallback, AsyncCallbackList
+from asynccb._snapshot import (
+    Snapshot,
+    StateLayout,
+    StateLevel,
+    allocate_held,
+    allocate_private,
+    state_variables,
+)
+
+
+def weights_layout(model) -> StateLayout:
+    return StateLayout(StateLevel.WEIGHTS,
+                       state_variables(model, StateLevel.WEIGHTS))
 
 
 class SeesWeights(keras.callbacks.Callback):
@@ -242,17 +255,9 @@ def test_a_shared_shadow_copies_a_snapshot_it_holds_only_once():
     for one lane is not copied again for the next. Private (a callback's
     own, which it may have changed since): always copied."""
     from asynccb._shadow import ModelBlueprint, Shadow
-    from asynccb._snapshot import (
-        Snapshot,
-        StateLayout,
-        StateLevel,
-        allocate_private,
-        state_variables,
-    )
 
     model = make_model()
-    layout = StateLayout(StateLevel.WEIGHTS,
-                         state_variables(model, StateLevel.WEIGHTS))
+    layout = weights_layout(model)
     buffer = allocate_private(layout.nbytes)
     layout.capture(buffer)
     blueprint = ModelBlueprint.of(model)
@@ -278,17 +283,8 @@ def test_a_shared_shadow_copies_a_snapshot_it_holds_only_once():
 
 
 def test_a_held_value_is_let_go_of_only_by_its_only_holder():
-    from asynccb._snapshot import (
-        Snapshot,
-        StateLayout,
-        StateLevel,
-        allocate_held,
-        state_variables,
-    )
-
     model = make_model()
-    layout = StateLayout(StateLevel.WEIGHTS,
-                         state_variables(model, StateLevel.WEIGHTS))
+    layout = weights_layout(model)
     snapshot = Snapshot(StateLevel.WEIGHTS, layout.spec, allocate_held(0),
                         None, False, held=layout.hold()).retain()
     snapshot.retain()  # A second lane saving the same step.

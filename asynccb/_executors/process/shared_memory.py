@@ -23,6 +23,7 @@ from asynccb._snapshot import Buffer
 __all__ = ["allocate_shared", "SharedBuffers", "SEGMENT_PREFIX"]
 
 SEGMENT_PREFIX = "asynccb-"
+_SHM = "/dev/shm"  # Where Linux lists POSIX shared memory segments.
 
 
 def allocate_shared(nbytes: int) -> Buffer:
@@ -56,6 +57,13 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     resource_tracker.unregister(
         segment._name, "shared_memory")  # type: ignore[attr-defined]
     return segment
+
+
+def _unlinked(name: str) -> bool:
+    """Whether segment `name` was removed by its creator (its run ended);
+    `False` where that cannot be seen (no `/dev/shm`: not Linux)."""
+    return os.path.isdir(_SHM) and not os.path.exists(
+        os.path.join(_SHM, name))
 
 
 class SharedBuffers:
@@ -97,6 +105,11 @@ class SharedBuffers:
     def _array(self, name: str, nbytes: int) -> np.ndarray:
         entry = self._mapped.get(name)
         if entry is None:
+            # A new run's segment: the runs whose segments are gone will
+            # send none again (lanes stay warm after their run, and keep
+            # their share, which would keep them in memory for nothing).
+            for gone in [n for n in self._mapped if _unlinked(n)]:
+                self._close(self._mapped.pop(gone))
             # Map it whole: one buffer serves snapshots of several sizes.
             segment = _attach(name)
             entry = (segment, np.ndarray((segment.size,), np.uint8,
