@@ -225,6 +225,22 @@ def test_tiny_non_chief_run():
     assert "snapshots 0, offloaded calls 0, files written []" in done.stdout
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="places threads on two CPUs")
+def test_tiny_thread_placement_run(tmp_path):
+    figures = tmp_path / "placement.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "thread_placement.py"),
+         "--repeats", "1", "--steps", "4", "--width", "16",
+         "--json", str(figures)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modes = json.loads(figures.read_text())["modes"]
+    assert sorted(modes) == ["apart", "free", "together"]
+    assert all(row["steps_per_s"] > 0 for row in modes.values())
+    assert "together" in done.stdout and "apart" in done.stdout
+
+
 def test_tiny_chief_cost_run(tmp_path):
     figures = tmp_path / "chief.json"
     done = subprocess.run(
