@@ -47,7 +47,6 @@ __all__ = ["Template", "learn_weights_file", "learn_keras_file"]
 # takes small ones: a 10 MiB file then cost 5.6 ms of CPU against 3.6
 # (ext4, Linux 6.18).
 _BATCH = 2 * 2**20
-_MAX_PIECES = 1024  # Per `os.writev` call (POSIX allows no fewer).
 # Checksummed in chunks that stay in the cache between the checksum reading
 # them and the write copying them out.
 _CHUNK = 256 * 2**10
@@ -238,6 +237,18 @@ def _bytes(array: np.ndarray) -> np.ndarray:
 
 def _key(arrays: Sequence[np.ndarray], slots: tuple[int, ...]) -> bytes:
     return b"".join(_bytes(arrays[slot]).tobytes() for slot in slots)
+
+
+def _iov_max() -> int:
+    """How many pieces one `os.writev` call may take here."""
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 16  # POSIX's least.
+    return limit if limit > 0 else 1024  # -1: no limit.
+
+
+_MAX_PIECES = _iov_max()
 
 
 def _chunks(block: memoryview, offset: int) -> Iterator[memoryview]:
