@@ -21,7 +21,6 @@ Run from the repository root: python benchmarks/chief_cost.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "examples"))
 
 import multi_worker  # noqa: E402
+from report import write_json  # noqa: E402
 
 
 def _chief_ms(workers: int, epochs: int) -> float:
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['two_workers_chief_ms_median']:.3f} ms against "
           f"{result['one_worker_ms_median']:.3f} ms")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=1)
+        write_json(args.json, result)
     return result
 
 

@@ -22,7 +22,6 @@ Linux only (per-thread CPU affinity). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -94,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    from report import write_json
     from variants import build_model, synthetic_data
 
     model = build_model(args.width)
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({row['min']:.1f}-{row['max']:.1f}), CPU/wall "
               f"{row['cpu_per_wall']:.2f}")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1)
+        write_json(args.json, result)
     return result
 
 
