@@ -117,17 +117,15 @@ class Template:
         after which the writer holds no reference to it: the caller may
         let go of it while later slots are written.
         """
-        data: list[memoryview | None] = [
-            _bytes(arrays[region.slot]).data for region in self.regions]
         if self.weights_span is not None:
             self._stamp_time(time.time())
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            self._write_blocks(fd, data, written)
+            self._write_blocks(fd, arrays, written)
         finally:
             os.close(fd)
 
-    def _write_blocks(self, fd: int, data: list[memoryview | None],
+    def _write_blocks(self, fd: int, arrays: Sequence[np.ndarray],
                       written: Callable[[int], None]) -> None:
         """Writes the fixed pieces and the data in file order, in chunks
         gathered into aligned batches (see `_Batches`); a `.keras` file's
@@ -138,19 +136,16 @@ class Template:
         out = _Batches(fd)
         weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
         regions_left = collections.Counter(r.slot for r in self.regions)
-        for index, piece in enumerate(self.fixed):
+        for piece, region in zip(self.fixed, self.regions):
             weights = self._add(out, memoryview(piece), weights)
-            if index == len(self.regions):
-                break
-            block, data[index] = data[index], None
-            assert block is not None
-            # Once its last batch is written, nothing here references it.
-            weights = self._add(out, block, weights)
-            del block
-            slot = self.regions[index].slot
-            regions_left[slot] -= 1
-            if not regions_left[slot]:
-                out.then(functools.partial(written, slot))
+            # Viewed as it is written, under no name here: once its last
+            # batch is written, this writer references it no more.
+            weights = self._add(out, _bytes(arrays[region.slot]).data,
+                                weights)
+            regions_left[region.slot] -= 1
+            if not regions_left[region.slot]:
+                out.then(functools.partial(written, region.slot))
+        self._add(out, memoryview(self.fixed[-1]), weights)
         out.flush()
 
     def _add(self, out: "_Batches", block: memoryview,
