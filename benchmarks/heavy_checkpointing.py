@@ -15,6 +15,12 @@ Built to tell the truth on a shared machine:
 - Each repeat runs every variant back to back; a variant's headline figure
   is its paired ratio, its steps/s over the no-callback run's of the same
   repeat (median, min-max over repeats).
+- The no-callback run keeps its two busy threads (the Python thread
+  driving the steps, TensorFlow's) on two CPUs, unless the process is
+  pinned whole to one. Where the OS places them, they run at one of two
+  speeds, drawn anew each run (`thread_placement.py`); apart they run at
+  the faster one every time. `--variants` may add "no callbacks
+  (OS-placed)" to see the draw.
 - A fixed single-threaded CPU probe (~70 ms) runs before every run. A run
   is slow if its probe, or its repeat's no-callback run, is over 1.3x
   slower than the benchmark's median; paired figures leave out repeats
@@ -198,9 +204,10 @@ def make_config(args: argparse.Namespace):
 
 
 def choose(variants: list, names: str) -> list:
-    """The variants named in `names` ('all': every one), in their order."""
+    """The variants named in `names` ('all': every one not left out of
+    it), in their order."""
     if names == "all":
-        return variants
+        return [v for v in variants if v.in_all]
     wanted = {name.strip() for name in names.split(",")}
     return [v for v in variants if v.name in wanted]
 
@@ -296,7 +303,9 @@ def print_report(args, document: dict, title: str, json_path: str,
 
     raw = document["raw_write"]
     print(f"\n{title}; {args.repeats} interleaved repeats, medians; "
-          f"'vs none': paired ratio to the same repeat's no-callback run.\n")
+          f"'vs none': paired ratio to the same repeat's no-callback run"
+          + ("" if args.pin else " (its threads kept on two CPUs)")
+          + ".\n")
     print(markdown_table(document["variants"], by_interval=args.single))
     print("\nCPU/ckpt: (CPU of the run, trainer + workers, minus its "
           "repeat's no-callback run's) per checkpoint written in the "

@@ -24,6 +24,7 @@ from asynccb._snapshot import (
     allocate_private,
     state_variables,
 )
+from placement import placed
 from measure import (
     CopyFloor,
     PeakMemory,
@@ -130,6 +131,7 @@ def run_once(variant: Variant, config: Config, repeat: int,
         "probe_s": None, "cpu_trainer_s": None, "cpu_workers_s": None,
         "checkpoints_in_window": 0, "checkpoint_bytes": None,
         "worker_process_cpus": [],
+        "threads": None,
     }
     missing = variant.missing()
     if missing:
@@ -137,8 +139,10 @@ def run_once(variant: Variant, config: Config, repeat: int,
         return result
     result["probe_s"] = cpu_probe()
     try:
-        window, timer, memory, start, end = _fit_measured(
-            variant, config, directory)
+        with placed(variant.placement) as moved:
+            window, timer, memory, start, end = _fit_measured(
+                variant, config, directory)
+        result["threads"] = variant.placement if moved else "free"
     except Exception as exc:  # The row reports it.
         result["status"] = _error(exc)
         return result

@@ -25,39 +25,13 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-MODES = ("free", "together", "apart")
-
-
-def tensorflow_threads() -> list[int]:
-    """The native ids of this process' threads that TensorFlow named
-    (`tf_...`: its compute pools)."""
-    ids = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                if comm.read().startswith("tf_"):
-                    ids.append(int(tid))
-        except FileNotFoundError:
-            continue  # It ended while we looked.
-    return ids
-
-
-def place(mode: str, cpus: set[int]) -> None:
-    """Sets the CPUs of the training threads for `mode`."""
-    driver, compute = threading.get_native_id(), tensorflow_threads()
-    first, second = sorted(cpus)[:2]
-    where = {"free": (cpus, cpus), "together": ({first}, {first}),
-             "apart": ({first}, {second})}[mode]
-    os.sched_setaffinity(driver, where[0])
-    for tid in compute:
-        os.sched_setaffinity(tid, where[1])
+from placement import MODES, place  # noqa: E402
 
 
 def fit_once(model, data, batch_size: int) -> dict[str, float]:
@@ -83,6 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--width", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tf-threads", type=int, default=1,
+                        help="TensorFlow intra-op threads")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated placements to run")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     cpus = os.sched_getaffinity(0)
@@ -91,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from report import write_json
     from variants import build_model, synthetic_data
@@ -100,18 +78,21 @@ def main(argv: list[str] | None = None) -> dict:
     x, y = synthetic_data(args.steps * args.batch_size)
     fit_once(model, (x[:args.batch_size * 4], y[:args.batch_size * 4]),
              args.batch_size)  # Traces the step, starts TF's threads.
-    runs: dict[str, list] = {mode: [] for mode in MODES}
+    modes = args.modes.split(",")
+    runs: dict[str, list] = {mode: [] for mode in modes}
     try:
         for repeat in range(args.repeats):
-            for mode in MODES[repeat % 3:] + MODES[:repeat % 3]:
+            turn = repeat % len(modes)
+            for mode in modes[turn:] + modes[:turn]:
                 place(mode, cpus)
                 runs[mode].append(fit_once(model, (x, y), args.batch_size))
     finally:
         place("free", cpus)
     result = {"args": vars(args), "cpus": sorted(cpus), "runs": runs,
-              "modes": {mode: summary(runs[mode]) for mode in MODES}}
+              "modes": {mode: summary(runs[mode]) for mode in modes}}
     print(f"no-callback fit, {args.steps} steps of {args.batch_size}, "
-          f"width {args.width}, TF threads 1 intra-op / 1 inter-op; "
+          f"width {args.width}, TF threads {args.tf_threads} intra-op / "
+          f"1 inter-op; "
           f"{args.repeats} interleaved repeats, medians (min-max):")
     for mode, row in result["modes"].items():
         print(f"  {mode:8s} {row['steps_per_s']:5.1f} steps/s "

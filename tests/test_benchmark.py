@@ -69,7 +69,11 @@ def test_tiny_run_of_every_variant_and_the_sweep(tmp_path, capsys):
     assert saved["config"]["tf_inter_threads"] == 1
     assert saved["config"]["pinned"] is False
     names = [v["name"] for v in saved["variants"]]
-    assert names == [v.name for v in VARIANTS]
+    assert names == [v.name for v in VARIANTS if v.in_all]
+    assert "no callbacks (OS-placed)" not in names  # Only when named.
+    threads = {r["name"]: r["threads"] for r in saved["runs"]}
+    assert threads["no callbacks"] == "apart"
+    assert threads["keras"] == threads["asynccb process"] == "free"
     check_accounting(saved)
     by_name = {v["name"]: v for v in saved["variants"]}
     for name in ("asynccb defaults", "asynccb thread", "asynccb process",
@@ -239,6 +243,35 @@ def test_tiny_thread_placement_run(tmp_path):
     assert sorted(modes) == ["apart", "free", "together"]
     assert all(row["steps_per_s"] > 0 for row in modes.values())
     assert "together" in done.stdout and "apart" in done.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="places threads on two CPUs")
+def test_placed_apart_keeps_the_threads_on_two_cpus_then_frees_them():
+    import tensorflow as tf
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from placement import placed, tensorflow_threads
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    tf.constant(1.0) + 1.0  # TensorFlow's pools exist.
+    cpus = os.sched_getaffinity(0)
+    first, second = sorted(cpus)[:2]
+    compute = tensorflow_threads()
+    assert compute
+    with placed("apart") as moved:
+        assert moved
+        assert os.sched_getaffinity(0) == {first}
+        assert {frozenset(os.sched_getaffinity(t)) for t in compute} == {
+            frozenset({second})}
+    assert os.sched_getaffinity(0) == cpus
+    assert all(os.sched_getaffinity(t) == cpus for t in compute)
+    with placed("free") as moved:
+        assert not moved and os.sched_getaffinity(0) == cpus
+    with pytest.raises(ValueError, match="placement 'aside'"):
+        with placed("aside"):
+            pass
 
 
 def test_tiny_chief_cost_run(tmp_path):
