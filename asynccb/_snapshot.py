@@ -119,15 +119,18 @@ def _reader(variables: Sequence[Any]) -> Callable[[], list]:
 
     One compiled TensorFlow function reads them all: a call costs about
     what one eager read does, where a model has hundreds of variables.
+    It is traced here, once, and called as a concrete function: every
+    layout (a new one each `fit`) has its own, and calling each through
+    `tf.function` would count their first calls together as retracing of
+    one function and warn after a few fits.
     """
     import tensorflow as tf
 
     handles = [variable.value for variable in variables]
-    read_all = tf.function(
+    return tf.function(
         lambda: [handle.read_value() for handle in handles],
         autograph=False,
-    )
-    return read_all
+    ).get_concrete_function()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ hook was called, through a snapshot shared by the callbacks of that hook."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -296,6 +299,35 @@ def test_a_held_value_is_let_go_of_only_by_its_only_holder():
     assert snapshot.arrays()[0] is None
     np.testing.assert_array_equal(snapshot.arrays()[1],
                                   model.weights[1].numpy())
+
+
+def test_a_layout_per_fit_warns_of_no_retracing():
+    # Each fit lays its state out anew, with a reader of its own. Read
+    # through `tf.function`, those first calls counted as retracing of one
+    # function, and TensorFlow warned from the fifth fit on. A fresh
+    # interpreter: TensorFlow warns at most a few times per process.
+    code = textwrap.dedent("""
+        import logging
+        import keras
+        from asynccb._snapshot import (
+            StateLayout, StateLevel, allocate_private, state_variables)
+
+        warnings = []
+        handler = logging.Handler()
+        handler.emit = warnings.append
+        logging.getLogger("tensorflow").addHandler(handler)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        for _ in range(8):
+            layout = StateLayout(StateLevel.WEIGHTS, state_variables(
+                model, StateLevel.WEIGHTS))
+            layout.hold()
+            layout.capture(allocate_private(layout.nbytes))
+        print("warnings:", [w.getMessage()[:60] for w in warnings])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warnings: []" in done.stdout, done.stdout
 
 
 class WaitsAtFirstStep(keras.callbacks.Callback):
