@@ -110,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pin", action="store_true",
                         help="pin training to the first allowed CPU and "
                              "asynccb's workers to the others")
+    parser.add_argument("--threads-apart", action="store_true",
+                        help="keep training's two threads apart in every "
+                             "run (the driving Python thread on the first "
+                             "allowed CPU, TensorFlow's on the second; "
+                             "asynccb's workers free on all): the placement "
+                             "the OS draws per run, fixed")
     parser.add_argument("--variants", default="all",
                         help="comma-separated names, or 'all'")
     parser.add_argument("--single", action="store_true",
@@ -198,6 +204,7 @@ def make_config(args: argparse.Namespace):
         sanity_samples=args.sanity_samples,
         tensorboard=(not args.single and not args.no_tensorboard
                      and runner.has_module("tensorboard")),
+        threads="apart" if args.threads_apart else "free",
     )
     config.state_bytes = runner.state_bytes_of(config.width)
     return config
@@ -266,6 +273,11 @@ def title_of(args: argparse.Namespace, config, placement: dict,
     if placement["pinned"]:
         where = (f"pinned: training on CPU {placement['trainer_cpus']}, "
                  f"asynccb's workers on CPUs {placement['worker_cpus']}")
+    elif config.threads == "apart":
+        where = (f"training's threads apart (driver on CPU "
+                 f"{placement['allowed_cpus'][0]}, TensorFlow's on "
+                 f"{placement['allowed_cpus'][1]}), asynccb's workers on "
+                 f"CPUs {placement['allowed_cpus']}")
     else:
         where = f"not pinned (CPUs {placement['allowed_cpus']})"
     return (f"{what}, TF threads {threads['tf_intra_threads']} intra-op / "
@@ -275,7 +287,8 @@ def title_of(args: argparse.Namespace, config, placement: dict,
 def stem_of(args: argparse.Namespace) -> str:
     size = args.preset if not args.width else args.width
     return ("heavy_checkpointing" + ("-single" if args.single else "")
-            + f"-{size}-tf{args.tf_threads}" + ("-pinned" if args.pin else ""))
+            + f"-{size}-tf{args.tf_threads}" + ("-pinned" if args.pin else "")
+            + ("-apart" if args.threads_apart else ""))
 
 
 def write_outputs(args, document: dict, title: str) -> tuple[str, list[str]]:
@@ -331,8 +344,22 @@ def main(argv=None) -> dict:
     placement = {"pinned": False, "trainer_cpus": None, "worker_cpus": None}
     allowed = (sorted(os.sched_getaffinity(0))
                if hasattr(os, "sched_getaffinity") else None)
+    if args.pin and args.threads_apart:
+        sys.exit("--pin keeps training to one CPU: its threads cannot be "
+                 "apart (--threads-apart).")
     if args.pin:  # Before TensorFlow starts a thread.
         placement = pin_cpus()
+    elif args.threads_apart:
+        if not allowed or len(allowed) < 2:
+            sys.exit(f"--threads-apart needs at least 2 CPUs; this process "
+                     f"may use only {allowed}.")
+        import asynccb  # Lazy: does not load TensorFlow.
+
+        # Threads inherit the CPUs of the thread that starts them: without
+        # this, workers started while training's thread is kept to one CPU
+        # would stay on it.
+        asynccb.configure_workers(cpus=set(allowed))
+        placement["worker_cpus"] = allowed
     placement["allowed_cpus"] = allowed
     threads = configure_tensorflow(args.tf_threads)
     config = make_config(args)

@@ -139,10 +139,11 @@ def run_once(variant: Variant, config: Config, repeat: int,
         return result
     result["probe_s"] = cpu_probe()
     try:
-        with placed(variant.placement) as moved:
+        mode = variant.placement or config.threads
+        with placed(mode) as moved:
             window, timer, memory, start, end = _fit_measured(
                 variant, config, directory)
-        result["threads"] = variant.placement if moved else "free"
+        result["threads"] = mode if moved else "free"
     except Exception as exc:  # The row reports it.
         result["status"] = _error(exc)
         return result

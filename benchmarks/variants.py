@@ -112,6 +112,9 @@ class Config:
     sanity_samples: int
     tensorboard: bool
     state_bytes: int = 0
+    # Where runs keep training's threads (see `placement.placed`), unless
+    # their variant says.
+    threads: str = "free"
 
 
 def _other_callbacks(directory: str, config: Config, x: np.ndarray):
@@ -217,8 +220,9 @@ class Variant:
         saves: Whether it writes checkpoints (its runs are then tagged
             with the save interval).
         placement: Where its runs keep training's threads
-            (`placement.placed`): "free" (where the OS puts them) or
-            "apart" (where the process may use two CPUs or more).
+            (`placement.placed`): "free" (where the OS puts them),
+            "apart" (where the process may use two CPUs or more), or
+            `None`: as the benchmark's `Config.threads` says.
         in_all: Whether `--variants all` runs it.
     """
 
@@ -227,7 +231,7 @@ class Variant:
     requires: str | None = None
     note: str = ""
     saves: bool = True
-    placement: str = "free"
+    placement: str | None = None
     in_all: bool = True
 
     def missing(self) -> str | None:
@@ -245,7 +249,7 @@ NO_CALLBACKS = Variant("no callbacks", _none, saves=False,
                        note="the limit: its threads kept on two CPUs")
 # The same where the OS places it: the draw itself, when named.
 NO_CALLBACKS_FREE = Variant("no callbacks (OS-placed)", _none, saves=False,
-                            in_all=False,
+                            placement="free", in_all=False,
                             note="the limit, its threads where the OS "
                                  "puts them")
 

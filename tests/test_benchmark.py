@@ -165,6 +165,33 @@ def test_tiny_pinned_run(tmp_path):
     assert process[0]["worker_process_cpus"] == allowed[1:]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity")
+                    or len(os.sched_getaffinity(0)) < 2,
+                    reason="--threads-apart needs 2 allowed CPUs")
+def test_tiny_run_with_training_threads_apart(tmp_path):
+    # Its own process: it configures asynccb's workers process-wide.
+    variants = "no callbacks,no callbacks (OS-placed),asynccb process"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
+         "--tiny", "--threads-apart", "--variants", variants,
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = saved_document(tmp_path)
+    allowed = sorted(os.sched_getaffinity(0))
+    assert saved["config"]["threads"] == "apart"
+    assert "training's threads apart" in completed.stdout
+    threads = {r["name"]: r["threads"] for r in saved["runs"]}
+    assert threads == {"no callbacks": "apart",
+                       "no callbacks (OS-placed)": "free",
+                       "asynccb process": "apart"}
+    # The worker process was started by a thread kept to one CPU, and
+    # runs on all of them.
+    process = [r for r in saved["runs"] if r["name"] == "asynccb process"]
+    assert process[0]["worker_process_cpus"] == allowed
+    check_accounting(saved)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
                     reason="pinning needs os.sched_setaffinity")
 def test_pin_needs_two_cpus(tmp_path):
