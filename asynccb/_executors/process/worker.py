@@ -62,10 +62,15 @@ def _callback_state(callback: Any
     own (so one that cannot load in the training process costs only
     itself), but its model. Returns them, and the skipped ones with why.
 
-    An attribute whose pickling raises `TypeError` (Python's "cannot
-    pickle" for open files, writers, locks) stays the training side's, as
-    by design; any other error is reported back, to be logged there.
+    An attribute that cannot be pickled by nature stays the training
+    side's, as by design: Python raises `TypeError` for open files, locks
+    and the like, TensorFlow `InvalidArgumentError` for resource tensors
+    (a `TensorBoard`'s summary writers). Any other error is reported back,
+    to be logged there.
     """
+    import tensorflow as tf
+
+    unpicklable = (TypeError, tf.errors.InvalidArgumentError)
     attributes, skipped = {}, {}
     for name, value in vars(callback).items():
         if name == "_model":
@@ -74,7 +79,7 @@ def _callback_state(callback: Any
             # By value, as the callback came: a function or class of the
             # user's script names a `__main__` that here is the worker's.
             attributes[name] = cloudpickle.dumps(value)
-        except TypeError:
+        except unpicklable:
             continue
         except Exception as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"
