@@ -40,13 +40,14 @@ Commands and their tables (run from the repository root):
         per epoch (about 3.5 minutes on 2 cores; 5 repeats would take
         about 6, hence --full).
     python benchmarks/heavy_checkpointing.py --full
-        The README's figures: 5 repeats, 80 steps per epoch, and the sweep
-        tables (cost per checkpoint against state size and against the
-        number of callbacks) (about 8 minutes).
-    python benchmarks/heavy_checkpointing.py --repeats 5 \
-            --steps-per-epoch 80 --tf-threads 2
-        The README's second table: training on both cores (no free core),
-        without the sweep, which would repeat the first's.
+        5 repeats, 80 steps per epoch, and the README's sweep tables
+        (cost per checkpoint against state size and against the number
+        of callbacks) (about 8 minutes).
+    python benchmarks/heavy_checkpointing.py --threads-apart \
+            --repeats 10 --steps-per-epoch 80 --variants "..."
+        The README's first table: every run keeps training's two threads
+        apart (the figures that reproduce within 0.05); the README gives
+        the variants.
     python benchmarks/heavy_checkpointing.py --pin [--full]
         The free-core condition: training pinned to the first allowed CPU,
         asynccb's workers (processes and threads) to the others.

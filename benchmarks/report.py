@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from typing import Any, Callable
 
 # A run is slow when the machine was at least this much slower than usual
@@ -342,7 +343,7 @@ def plot_throughput(variants: list[dict], path: str, title: str) -> bool:
     axis.invert_yaxis()
     axis.set_xlabel("steps/s over the same repeat's no-callback run "
                     "(median, min-max)")
-    axis.set_title(title, fontsize=10)
+    axis.set_title(textwrap.fill(title, 110), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
