@@ -163,13 +163,15 @@ class TimedList(AsyncCallbackList):
         self.clock.train_end(lambda: super(TimedList, self).on_train_end(logs))
 
 
-def _asynccb(executor: str | None):
+def _asynccb(executor: str | None, check_executor: str | None = None):
     """The same callbacks in an `AsyncCallbackList`, all on `executor` (or,
     with `None`, each on its kind's default executor); the sanity check is
-    wrapped, declaring that it reads the weights only."""
+    wrapped, declaring that it reads the weights only, on `check_executor`
+    if given."""
     def build(directory, config, x, model):
         callbacks = [_keras_checkpoint(directory, config)] + [
-            AsyncCallback(cb, executor=executor, state="weights")
+            AsyncCallback(cb, executor=check_executor or executor,
+                          state="weights")
             if isinstance(cb, SanityCheck) else cb
             for cb in _other_callbacks(directory, config, x)
         ]
@@ -260,6 +262,10 @@ VARIANTS = [
             note="the same callbacks in plain Keras"),
     Variant("asynccb defaults", _asynccb(None),
             note="checkpoint in a process, the rest in threads"),
+    Variant("asynccb defaults + process check", _asynccb(None, "process"),
+            in_all=False,
+            note="the defaults, but the sanity check's predict in a "
+                 "worker process"),
     Variant("asynccb thread", _asynccb("thread")),
     Variant("asynccb process", _asynccb("process")),
     Variant("asynccb async", _asynccb("async")),

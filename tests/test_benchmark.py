@@ -170,7 +170,8 @@ def test_tiny_pinned_run(tmp_path):
                     reason="--threads-apart needs 2 allowed CPUs")
 def test_tiny_run_with_training_threads_apart(tmp_path):
     # Its own process: it configures asynccb's workers process-wide.
-    variants = "no callbacks,no callbacks (OS-placed),asynccb process"
+    variants = ("no callbacks,no callbacks (OS-placed),asynccb process,"
+                "asynccb defaults + process check")
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
          "--tiny", "--threads-apart", "--variants", variants,
@@ -184,7 +185,11 @@ def test_tiny_run_with_training_threads_apart(tmp_path):
     threads = {r["name"]: r["threads"] for r in saved["runs"]}
     assert threads == {"no callbacks": "apart",
                        "no callbacks (OS-placed)": "free",
-                       "asynccb process": "apart"}
+                       "asynccb process": "apart",
+                       "asynccb defaults + process check": "apart"}
+    by_name = {v["name"]: v for v in saved["variants"]}
+    checked = by_name["asynccb defaults + process check"]
+    assert checked["status"] == "ok" and checked["checkpoints_in_window"] == 2
     # The worker process was started by a thread kept to one CPU, and
     # runs on all of them.
     process = [r for r in saved["runs"] if r["name"] == "asynccb process"]
