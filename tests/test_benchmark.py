@@ -33,6 +33,18 @@ def run_benchmark(arguments: list[str]) -> dict:
         sys.path.remove(str(BENCHMARKS))
 
 
+def run_tiny_alone(tmp_path: Path, *arguments: str
+                   ) -> tuple[subprocess.CompletedProcess, dict]:
+    """A tiny heavy run in its own process (for options that set up the
+    whole process: pinning, worker CPUs); its output and its JSON."""
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
+         "--tiny", *arguments, "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed, saved_document(tmp_path)
+
+
 def saved_document(directory: Path) -> dict:
     return json.loads(next(directory.glob("*.json")).read_text())
 
@@ -143,13 +155,8 @@ def test_tiny_pinned_run(tmp_path):
     # Its own process: pinning is for the whole process, before
     # TensorFlow starts, which this test session has done long ago.
     variants = "no callbacks,keras,asynccb thread,asynccb process"
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
-         "--tiny", "--pin", "--variants", variants,
-         "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    saved = saved_document(tmp_path)
+    completed, saved = run_tiny_alone(tmp_path, "--pin",
+                                      "--variants", variants)
     allowed = sorted(os.sched_getaffinity(0))
     config = saved["config"]
     assert config["pinned"] is True
@@ -172,13 +179,8 @@ def test_tiny_run_with_training_threads_apart(tmp_path):
     # Its own process: it configures asynccb's workers process-wide.
     variants = ("no callbacks,no callbacks (OS-placed),asynccb process,"
                 "asynccb defaults + process check")
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "heavy_checkpointing.py"),
-         "--tiny", "--threads-apart", "--variants", variants,
-         "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    saved = saved_document(tmp_path)
+    completed, saved = run_tiny_alone(tmp_path, "--threads-apart",
+                                      "--variants", variants)
     allowed = sorted(os.sched_getaffinity(0))
     assert saved["config"]["threads"] == "apart"
     assert "training's threads apart" in completed.stdout
