@@ -31,7 +31,7 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from placement import MODES, place  # noqa: E402
+from placement import MODES, placed  # noqa: E402
 
 
 def fit_once(model, data, batch_size: int) -> dict[str, float]:
@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
              args.batch_size)  # Traces the step, starts TF's threads.
     modes = args.modes.split(",")
     runs: dict[str, list] = {mode: [] for mode in modes}
-    try:
-        for repeat in range(args.repeats):
-            turn = repeat % len(modes)
-            for mode in modes[turn:] + modes[:turn]:
-                place(mode, cpus)
+    for repeat in range(args.repeats):
+        turn = repeat % len(modes)
+        for mode in modes[turn:] + modes[:turn]:
+            with placed(mode):
                 runs[mode].append(fit_once(model, (x, y), args.batch_size))
-    finally:
-        place("free", cpus)
     result = {"args": vars(args), "cpus": sorted(cpus), "runs": runs,
               "modes": {mode: summary(runs[mode]) for mode in modes}}
     print(f"no-callback fit, {args.steps} steps of {args.batch_size}, "
