@@ -63,14 +63,16 @@ def _callback_state(callback: Any
     itself), but its model. Returns them, and the skipped ones with why.
 
     An attribute that cannot be pickled by nature stays the training
-    side's, as by design: Python raises `TypeError` for open files, locks
-    and the like, TensorFlow `InvalidArgumentError` for resource tensors
-    (a `TensorBoard`'s summary writers). Any other error is reported back,
-    to be logged there.
+    side's, as by design: Python raises `TypeError` for locks, generators
+    and the like, cloudpickle `PicklingError` for files (a `CSVLogger`'s,
+    closed at the end of its run), TensorFlow `InvalidArgumentError` for
+    resource tensors (a `TensorBoard`'s summary writers). Any other error
+    is reported back, to be logged there.
     """
     import tensorflow as tf
 
-    unpicklable = (TypeError, tf.errors.InvalidArgumentError)
+    unpicklable = (TypeError, pickle.PicklingError,
+                   tf.errors.InvalidArgumentError)
     attributes, skipped = {}, {}
     for name, value in vars(callback).items():
         if name == "_model":
