@@ -137,6 +137,8 @@ def _keras_checkpoint(directory: str, config: Config):
 
 def _plain(checkpoint_factory):
     def build(directory, config, x, model):
+        if checkpoint_factory is None:  # The other callbacks alone.
+            return _other_callbacks(directory, config, x), None
         timer = SaveTimer(checkpoint_factory(directory, config),
                           config.save_every, after=config.steps_per_epoch,
                           floor=CopyFloor(config.state_bytes))
@@ -163,13 +165,15 @@ class TimedList(AsyncCallbackList):
         self.clock.train_end(lambda: super(TimedList, self).on_train_end(logs))
 
 
-def _asynccb(executor: str | None, check_executor: str | None = None):
+def _asynccb(executor: str | None, check_executor: str | None = None,
+             checkpoint: bool = True):
     """The same callbacks in an `AsyncCallbackList`, all on `executor` (or,
     with `None`, each on its kind's default executor); the sanity check is
     wrapped, declaring that it reads the weights only, on `check_executor`
-    if given."""
+    if given. Without `checkpoint`, the other callbacks alone."""
     def build(directory, config, x, model):
-        callbacks = [_keras_checkpoint(directory, config)] + [
+        checkpoints = [_keras_checkpoint(directory, config)] if checkpoint else []
+        callbacks = checkpoints + [
             AsyncCallback(cb, executor=check_executor or executor,
                           state="weights")
             if isinstance(cb, SanityCheck) else cb
@@ -266,6 +270,13 @@ VARIANTS = [
             in_all=False,
             note="the defaults, but the sanity check's predict in a "
                  "worker process"),
+    # What the mix costs without its checkpoint: the part of every
+    # variant's figure that no way of saving can win back.
+    Variant("keras without checkpoint", _plain(None), saves=False, in_all=False,
+            note="the other callbacks alone, in plain Keras"),
+    Variant("asynccb defaults without checkpoint",
+            _asynccb(None, checkpoint=False), saves=False, in_all=False,
+            note="the other callbacks alone, on their default executors"),
     Variant("asynccb thread", _asynccb("thread")),
     Variant("asynccb process", _asynccb("process")),
     Variant("asynccb async", _asynccb("async")),

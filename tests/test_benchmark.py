@@ -178,7 +178,8 @@ def test_tiny_pinned_run(tmp_path):
 def test_tiny_run_with_training_threads_apart(tmp_path):
     # Its own process: it configures asynccb's workers process-wide.
     variants = ("no callbacks,no callbacks (OS-placed),asynccb process,"
-                "asynccb defaults + process check")
+                "asynccb defaults + process check,keras without checkpoint,"
+                "asynccb defaults without checkpoint")
     completed, saved = run_tiny_alone(tmp_path, "--threads-apart",
                                       "--variants", variants)
     allowed = sorted(os.sched_getaffinity(0))
@@ -188,10 +189,19 @@ def test_tiny_run_with_training_threads_apart(tmp_path):
     assert threads == {"no callbacks": "apart",
                        "no callbacks (OS-placed)": "free",
                        "asynccb process": "apart",
-                       "asynccb defaults + process check": "apart"}
+                       "asynccb defaults + process check": "apart",
+                       "keras without checkpoint": "apart",
+                       "asynccb defaults without checkpoint": "apart"}
     by_name = {v["name"]: v for v in saved["variants"]}
     checked = by_name["asynccb defaults + process check"]
     assert checked["status"] == "ok" and checked["checkpoints_in_window"] == 2
+    # The mix without its checkpoint: the other callbacks ran, no save.
+    for name in ("keras without checkpoint",
+                 "asynccb defaults without checkpoint"):
+        assert by_name[name]["status"] == "ok", by_name[name]
+        assert by_name[name]["paired_ratio"] > 0
+        runs = [r for r in saved["runs"] if r["name"] == name]
+        assert runs[0]["checkpoints"] == 0 and runs[0]["every"] is None
     # The worker process was started by a thread kept to one CPU, and
     # runs on all of them.
     process = [r for r in saved["runs"] if r["name"] == "asynccb process"]
