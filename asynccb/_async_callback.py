@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import keras
 
@@ -30,6 +30,23 @@ from asynccb._snapshot import StateLevel
 from asynccb._stats import CallbackStats
 
 __all__ = ["AsyncCallback"]
+
+
+def _save_submitter(dispatcher: Dispatcher, lane: Lane
+                    ) -> Callable[[str, tuple, dict], None]:
+    """What a saves-only callback's stand-in model calls instead of saving:
+    queues the save on `lane`.
+
+    It holds the dispatcher and the lane, not the wrapper: the dispatcher's
+    finalizer (`Dispatcher.close_with`) keeps them alive until the wrapper
+    is collected, so nothing they lead to may lead back to the wrapper, or
+    neither it nor the model would ever be collected.
+    """
+    def submit(method: str, args: tuple, kwargs: dict) -> None:
+        dispatcher.submit(lane, "save", method, args=args, kwargs=kwargs,
+                          level=StateLevel.FULL)
+
+    return submit
 
 
 class AsyncCallback(keras.callbacks.Callback):
@@ -202,7 +219,7 @@ class AsyncCallback(keras.callbacks.Callback):
         self._dispatcher = Dispatcher(options)
         self._dispatcher.add_lane(self._lane)
         self._owns_dispatcher = True
-        self._dispatcher.close_with(self)
+        self._closer = self._dispatcher.close_with(self)
 
     def __repr__(self) -> str:
         return (
@@ -237,6 +254,7 @@ class AsyncCallback(keras.callbacks.Callback):
         if dispatcher is self._dispatcher:
             return
         self._dispatcher.close()
+        self._closer.detach()  # Its own dispatcher is done with.
         self._lane.on_failure = lambda: None
         dispatcher.add_lane(self._lane)
         self._dispatcher = dispatcher
@@ -258,7 +276,8 @@ class AsyncCallback(keras.callbacks.Callback):
                 self.callback.set_model(model)
             return
         if lane.saves_only:
-            lane.offloaded_model = OffloadedSavesModel(model, self._submit_save)
+            lane.offloaded_model = OffloadedSavesModel(
+                model, _save_submitter(self._dispatcher, lane))
             self.callback.set_model(lane.offloaded_model)
             lane.offload_saves()
         else:
@@ -278,12 +297,6 @@ class AsyncCallback(keras.callbacks.Callback):
             self._dispatcher.submit(
                 self._lane, "set_params", "set_params", args=(dict(params),)
             )
-
-    def _submit_save(self, method: str, args: tuple, kwargs: dict) -> None:
-        self._dispatcher.submit(
-            self._lane, "save", method, args=args, kwargs=kwargs,
-            level=StateLevel.FULL,
-        )
 
     # Dispatch.
 

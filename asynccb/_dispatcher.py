@@ -241,12 +241,18 @@ class Dispatcher:
                 if stopping:
                     self._stopped()
 
-    def close_with(self, owner: object) -> None:
+    def close_with(self, owner: object) -> weakref.finalize:
         """Closes a run left open (no `on_*_end`) when `owner`, the list
         or callback, is collected; at interpreter exit `_close_all` does,
-        as an exit."""
+        as an exit. Returns the finalizer.
+
+        The finalizer holds this dispatcher until `owner` is collected:
+        nothing the dispatcher holds (its lanes, their callbacks) may refer
+        back to `owner`.
+        """
         finalizer = weakref.finalize(owner, self.close, self.grace)
         finalizer.atexit = False
+        return finalizer
 
     def _stopped(self) -> None:
         for lane in self.lanes:
