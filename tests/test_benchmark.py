@@ -265,6 +265,28 @@ def test_tiny_save_cost(tmp_path):
     assert "TF threads 1 intra-op / 1 inter-op; 1 interleaved repeats" in out
 
 
+def test_tiny_memory_per_fit_run(tmp_path):
+    # Each variant in a fresh process of its own, as the benchmark runs it.
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "memory_per_fit.py"), "--fits",
+         "3", "--width", "32", "--repeats", "1", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads((tmp_path / "memory_per_fit.json").read_text())
+    rows = {row["variant"]: row for row in document["variants"]}
+    assert list(rows) == ["keras", "asynccb thread", "asynccb process"]
+    for name, row in rows.items():
+        # Every fit's model was collected once dropped (the wrapper kept
+        # it, and itself, before bb54ccb).
+        assert row["models_alive"] == 0, name
+        assert isinstance(row["trainer_bytes_per_fit"], float), name
+    runs = {run["variant"]: run for run in document["runs"]}
+    assert all(len(run["trainer_rss"]) == 3 for run in runs.values())
+    assert set(runs["keras"]["workers_rss"]) == {0}
+    assert min(runs["asynccb process"]["workers_rss"]) > 0
+    assert "| asynccb process |" in done.stdout
+
+
 def test_tiny_non_chief_run():
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "non_chief.py"), "--repeats", "1",
