@@ -196,7 +196,8 @@ class Dispatcher:
             executor = self._executors[kind.name] = kind()
         executor.start(lane)
 
-    def close(self, grace: float | None = None, exiting: bool = False) -> None:
+    def close(self, grace: float | None = None, exiting: bool = False,
+              reason: str = "an exception") -> None:
         """Finishes the accepted hooks and stops the workers.
 
         Afterwards no worker of this dispatcher runs, every snapshot buffer
@@ -209,6 +210,8 @@ class Dispatcher:
                 `give_up`), and the running ones waited for.
             exiting: The interpreter is exiting: past the grace, the
                 running hooks are not waited for either.
+            reason: What ended the run early, for the message listing
+                what was not done (when not exiting).
         """
         with _preemption.busy(), self._lifecycle:
             if not self._running:
@@ -225,7 +228,7 @@ class Dispatcher:
                 # At a normal end `left` is only a failed lane's last
                 # task, on its way out: the workers' stop waits for it.
                 if left and grace is not None:
-                    why = "interpreter exit" if exiting else "an exception"
+                    why = "interpreter exit" if exiting else reason
                     self.give_up(left, why, ending=exiting)
                     if exiting:
                         stopping = False
@@ -250,7 +253,9 @@ class Dispatcher:
         nothing the dispatcher holds (its lanes, their callbacks) may refer
         back to `owner`.
         """
-        finalizer = weakref.finalize(owner, self.close, self.grace)
+        finalizer = weakref.finalize(
+            owner, self.close, self.grace,
+            reason="its callbacks being dropped without `on_train_end`")
         finalizer.atexit = False
         return finalizer
 

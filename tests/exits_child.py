@@ -11,7 +11,10 @@ of them were ("ready"). How the run then ends is the test's choice:
     --own-handler install a SIGTERM handler of the user's own first: it
                   says "handler <files on disk>" and stops training
     --open-run    drive the callbacks by hand and leave the script with
-                  the run open (no `on_train_end`): interpreter exit
+                  the run open (no `on_train_end`): its callbacks are
+                  dropped as `main` returns
+    --keep        with --open-run, keep them (a module global): the run
+                  is still open at interpreter exit
     --plain       plain Keras, no asynccb (the reference)
     --list        the callbacks in an AsyncCallbackList
     --say-blocked say "blocked queue" or "blocked snapshots" once the
@@ -44,6 +47,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 SAVE_EVERY = 4
+KEPT: list = []  # With --keep: what stays referenced until exit.
 
 
 def say(line: str) -> None:
@@ -118,6 +122,9 @@ def main() -> None:
     parser.add_argument("--say-blocked", action="store_true")
     parser.add_argument("--own-handler", action="store_true")
     parser.add_argument("--open-run", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="with --open-run: keep the callbacks until "
+                             "the interpreter exits")
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--list", action="store_true",
                         help="in an AsyncCallbackList (else Keras' list)")
@@ -157,6 +164,8 @@ def main() -> None:
             batch = slice(step * 8, (step + 1) * 8)
             model.train_on_batch(x[batch], y[batch])
             callbacks.on_train_batch_end(step)
+        if args.keep:
+            KEPT.append(callbacks)
         say("leaving")
         return  # The run is left open: the interpreter exits.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,

@@ -252,11 +252,13 @@ def test_sigterm_calls_the_users_handler_once_the_work_is_done(tmp_path):
 
 
 @pytest.mark.parametrize("grace", ["60", "0.5"])
-def test_interpreter_exit_with_a_run_open(tmp_path, grace):
+@pytest.mark.parametrize("kept", [False, True], ids=["dropped", "kept"])
+def test_a_run_left_open(tmp_path, grace, kept):
     """A hand-written loop that never calls `on_train_end`: the queued
-    saves are finished at exit (or, past the grace, listed)."""
+    saves are finished (or, past the grace, listed) when its callbacks
+    are dropped, or, if the script keeps them, at interpreter exit."""
     child = Child(tmp_path, "--executor", "process", "--due", "5",
-                  "--open-run", "--grace", grace)
+                  "--open-run", "--grace", grace, *(["--keep"] if kept else []))
     child.read_until("leaving")
     helpers = child.helpers()
     if grace == "60":
@@ -269,7 +271,9 @@ def test_interpreter_exit_with_a_run_open(tmp_path, grace):
         assert "Traceback" not in child.stderr(), child.stderr()
     else:
         assert child.files() == []
-        assert "the run ended by interpreter exit" in child.stderr()
+        why = ("interpreter exit" if kept else
+               "its callbacks being dropped without `on_train_end`")
+        assert f"the run ended by {why};" in child.stderr(), child.stderr()
 
 
 def _join_asynccb_threads():
