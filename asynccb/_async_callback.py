@@ -107,10 +107,11 @@ class AsyncCallback(keras.callbacks.Callback):
             every save through Keras' writer. `stats()` counts each save's
             path and why Keras' was needed.
         exit_grace: When a run ends early (SIGTERM, an exception or
-            `sys.exit` from a callback, Ctrl-C, interpreter exit with a run
-            open), the hooks already accepted are still run, for at most
-            this many seconds; what is left then is listed on stderr (the
-            files already written are intact).
+            `sys.exit` from a callback, Ctrl-C, a run left open whose
+            callbacks are dropped or whose interpreter exits), the hooks
+            already accepted are still run, for at most this many seconds;
+            what is left then is listed on stderr (the files already
+            written are intact).
         handle_sigterm: While a run is active (started on the main
             thread), SIGTERM first finishes the accepted hooks (within
             `exit_grace`), then takes its course: the previous handler is

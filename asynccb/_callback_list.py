@@ -102,7 +102,7 @@ class AsyncCallbackList(keras.callbacks.CallbackList):
         fast_saves: Whether the saves of the callbacks it offloads may be
             written straight from snapshots (see `AsyncCallback`).
         exit_grace: The most seconds a run ending early (SIGTERM, an
-            exception, `sys.exit`, Ctrl-C, interpreter exit) spends
+            exception, `sys.exit`, Ctrl-C, a run left open) spends
             finishing the hooks it accepted (see `AsyncCallback`).
         handle_sigterm: Whether a SIGTERM during a run finishes the
             accepted hooks before taking its course (see `AsyncCallback`).

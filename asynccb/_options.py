@@ -110,8 +110,9 @@ class Options:
             written straight from the snapshot into the file layout learned
             from Keras' first save (see `asynccb._fast_saves`).
         exit_grace: The most seconds spent finishing accepted hooks when a
-            run ends early (SIGTERM, an exception, `sys.exit`, Ctrl-C,
-            interpreter exit); what is left then is listed on stderr.
+            run ends early (SIGTERM, an exception, `sys.exit`, Ctrl-C, a
+            run left open whose callbacks are dropped or whose interpreter
+            exits); what is left then is listed on stderr.
         handle_sigterm: Whether a SIGTERM during a run (installed from the
             main thread) first finishes the accepted hooks.
 
