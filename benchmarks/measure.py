@@ -123,10 +123,10 @@ def descendants_cpu_and_rss() -> tuple[float, int]:
     worker processes), now."""
     pids = _descendants(os.getpid())
     return (sum(cpu_seconds(pid) for pid in pids),
-            sum(_rss_bytes(pid) for pid in pids))
+            sum(rss_bytes(pid) for pid in pids))
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -167,7 +167,7 @@ class PeakMemory:
 
     def _sample(self) -> int:
         pid = os.getpid()
-        total = _rss_bytes(pid) + sum(_rss_bytes(c) for c in _descendants(pid))
+        total = rss_bytes(pid) + sum(rss_bytes(c) for c in _descendants(pid))
         self.peak_bytes = max(self.peak_bytes, total)
         return total
 

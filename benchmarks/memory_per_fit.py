@@ -54,7 +54,7 @@ def child(variant: str, fits: int, width: int) -> dict:
     import keras
 
     from asynccb import AsyncCallback
-    from measure import _rss_bytes, descendants_cpu_and_rss
+    from measure import descendants_cpu_and_rss, rss_bytes
     from variants import build_model, synthetic_data
 
     x, y = synthetic_data(64 * 20)
@@ -75,7 +75,7 @@ def child(variant: str, fits: int, width: int) -> dict:
         for name in os.listdir(directory):
             os.remove(os.path.join(directory, name))
         gc.collect()
-        trainer.append(_rss_bytes(os.getpid()))
+        trainer.append(rss_bytes(os.getpid()))
         workers.append(descendants_cpu_and_rss()[1])
     os.rmdir(directory)
     return {"trainer_rss": trainer, "workers_rss": workers,
@@ -88,10 +88,7 @@ def slope(values: list[int]) -> float | None:
     points = values[1:]
     if len(points) < 2:
         return None
-    mean_x = (len(points) - 1) / 2
-    mean_y = statistics.fmean(points)
-    return (sum((i - mean_x) * (v - mean_y) for i, v in enumerate(points))
-            / sum((i - mean_x) ** 2 for i in range(len(points))))
+    return statistics.linear_regression(range(len(points)), points).slope
 
 
 def _mib(value: float | None) -> str:
