@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from asynccb._errors import CannotCopySave
+from asynccb._staged_file import DirectIORefused, StagedFile
 
 try:  # ISA-L's CRC-32: ~7x zlib's, which would cost more than the write.
     from isal.isal_zlib import crc32
@@ -40,17 +41,13 @@ except ImportError:  # pragma: no cover - a platform without its wheels.
 
 __all__ = ["Template", "learn_weights_file", "learn_keras_file"]
 
-# A file is written in batches of pieces, each ending at a multiple of
-# `_BATCH` bytes into the file (one `os.writev` each): the page cache then
-# takes it in large folios, as it does a plain write of big aligned pieces.
-# Written piece by piece, at the odd offsets and sizes of the datasets, it
-# takes small ones: a 10 MiB file then cost 5.6 ms of CPU against 3.6
-# (ext4, Linux 6.18).
-_BATCH = 2 * 2**20
 # Checksummed in chunks that stay in the cache between the checksum reading
-# them and the write copying them out.
+# them and their copy into the staging buffer (`asynccb._staged_file`).
 _CHUNK = 256 * 2**10
 _COMPARE_CHUNK = 8 * 2**20
+# Whether saves try direct I/O (tests switch it off to cover the page
+# cache's path on a file system that takes both).
+_DIRECT_IO = True
 
 _METADATA, _CONFIG, _WEIGHTS = "metadata.json", "config.json", "model.weights.h5"
 _UNSTAMPED = (1980, 1, 1, 0, 0, 0)  # What Keras' `zf.open(name, "w")` gives.
@@ -119,21 +116,25 @@ class Template:
         """
         if self.weights_span is not None:
             self._stamp_time(time.time())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        out = StagedFile(path, direct=_DIRECT_IO)
         try:
-            self._write_blocks(fd, arrays, written)
+            try:
+                self._write_blocks(out, arrays, written)
+            except DirectIORefused:
+                # At its first write, before any slot was let go of.
+                out.close()
+                out = StagedFile(path, direct=False)
+                self._write_blocks(out, arrays, written)
         finally:
-            os.close(fd)
+            out.close()
 
-    def _write_blocks(self, fd: int, arrays: Sequence[np.ndarray],
+    def _write_blocks(self, out: StagedFile, arrays: Sequence[np.ndarray],
                       written: Callable[[int], None]) -> None:
         """Writes the fixed pieces and the data in file order, in chunks
-        gathered into aligned batches (see `_Batches`); a `.keras` file's
-        weights entry is checksummed chunk by chunk just before the chunk
-        joins a batch, while it is in the cache, and its checksum set
-        before the central directory is written (and in the entry's header,
-        in the file if it was written before the checksum was known)."""
-        out = _Batches(fd)
+        (see `_chunks`); a `.keras` file's weights entry is checksummed
+        chunk by chunk just before the chunk is staged, while it is in the
+        cache, and its checksum set before the central directory is written
+        (and in the entry's header, wherever that is by then)."""
         weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
         regions_left = collections.Counter(r.slot for r in self.regions)
         for piece, region in zip(self.fixed, self.regions):
@@ -148,7 +149,7 @@ class Template:
         self._add(out, memoryview(self.fixed[-1]), weights)
         out.flush()
 
-    def _add(self, out: "_Batches", block: memoryview,
+    def _add(self, out: StagedFile, block: memoryview,
              weights: tuple[tuple[int, int] | None, int]
              ) -> tuple[tuple[int, int] | None, int]:
         """Adds `block` to `out`, checksumming what of it lies in the
@@ -190,15 +191,13 @@ class Template:
                 self._patch(stamp.local + 10, dos)
                 self._patch(stamp.central + 12, dos)
 
-    def _set_weights_crc(self, out: "_Batches", crc: int) -> None:
-        """Sets the weights entry's checksum in the fixed pieces (which a
-        batch not yet written holds views of), and in the local header in
-        the file if `out` wrote it already."""
+    def _set_weights_crc(self, out: StagedFile, crc: int) -> None:
+        """Sets the weights entry's checksum in the fixed pieces (for the
+        central directory, still to be added), and in the local header
+        `out` has already."""
         assert self.weights_stamp is not None
         self._set_crc(self.weights_stamp, crc)
-        header = self.weights_stamp.local + 14
-        if header < out.written:
-            os.pwrite(out.fd, struct.pack("<I", crc), header)
+        out.patch(self.weights_stamp.local + 14, struct.pack("<I", crc))
 
     def _set_crc(self, stamp: _Stamp, crc: int) -> None:
         # CRC-32: at +14 in a local header, +16 in the central directory.
@@ -234,72 +233,14 @@ def _key(arrays: Sequence[np.ndarray], slots: tuple[int, ...]) -> bytes:
     return b"".join(_bytes(arrays[slot]).tobytes() for slot in slots)
 
 
-def _iov_max() -> int:
-    """How many pieces one `os.writev` call may take here."""
-    try:
-        limit = os.sysconf("SC_IOV_MAX")
-    except (AttributeError, ValueError, OSError):
-        return 16  # POSIX's least.
-    return limit if limit > 0 else 1024  # -1: no limit.
-
-
-_MAX_PIECES = _iov_max()
-
-
 def _chunks(block: memoryview, offset: int) -> Iterator[memoryview]:
     """`block`, written at `offset` into the file, in pieces that end at
-    multiples of `_CHUNK` into the file (so none spans two batches)."""
+    multiples of `_CHUNK` into the file (so none spans two stages)."""
     lo = 0
     while lo < len(block):
         hi = min(len(block), lo + _CHUNK - (offset + lo) % _CHUNK)
         yield block[lo:hi]
         lo = hi
-
-
-class _Batches:
-    """Gathers pieces into writes that end at multiples of `_BATCH` into
-    the file (one `os.writev` each, at most `_MAX_PIECES` pieces).
-
-    Attributes:
-        offset: Bytes added so far.
-        written: Bytes written to the file so far.
-    """
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.offset = self.written = 0
-        self._pieces: list[memoryview] = []
-        self._then: list[Callable[[], None]] = []
-
-    def add(self, piece: memoryview) -> None:
-        self._pieces.append(piece)
-        self.offset += len(piece)
-        if self.offset % _BATCH == 0 or len(self._pieces) == _MAX_PIECES:
-            self.flush()
-
-    def then(self, done: Callable[[], None]) -> None:
-        """Calls `done` once what was added so far is in the file."""
-        self._then.append(done)
-
-    def flush(self) -> None:
-        _write_all(self.fd, self._pieces)
-        self.written = self.offset
-        done, self._then = self._then, []
-        for call in done:
-            call()
-
-
-def _write_all(fd: int, pieces: list[memoryview]) -> None:
-    """Writes `pieces` (emptying the list) in order, gathered into one
-    call where the OS can."""
-    writev = getattr(os, "writev", None)
-    while pieces:  # A short write (a signal, a huge batch): go on.
-        left = (writev(fd, pieces) if writev
-                else os.write(fd, pieces[0]))  # pragma: no cover - Windows.
-        while pieces and left >= len(pieces[0]):
-            left -= len(pieces.pop(0))
-        if left:
-            pieces[0] = pieces[0][left:]
 
 
 # Learning.

@@ -238,7 +238,7 @@ def test_tiny_save_cost(tmp_path):
     assert saved["args"]["repeats"] == 1 and saved["args"]["tf_threads"] == 1
     assert [row["mib"] for row in saved["sizes"]] == [1.0, 2.0]
     variants = ["none", "raw write", "keras", "asynccb thread",
-                "asynccb process",
+                "asynccb process", "asynccb thread, page cache",
                 "asynccb thread, fast off", "asynccb process, fast off",
                 "raw write, pages kept"]
     for row in saved["sizes"]:
@@ -257,7 +257,8 @@ def test_tiny_save_cost(tmp_path):
                 assert variant["wall_vs_none"] > 0
                 expected = 0 if name == "none" else row["saves"]
                 assert variant["runs"][0]["files"] == expected, (form, name)
-            for name in ("asynccb thread", "asynccb process"):
+            for name in ("asynccb thread", "asynccb process",
+                         "asynccb thread, page cache"):
                 assert "fast" in by_name[name]["save_paths"], (form, name)
     out = completed.stdout
     assert ("| state MiB | saves | one raw write apart ms | raw write | "

@@ -6,6 +6,7 @@ proved so goes through Keras, with the reason counted."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -318,21 +319,24 @@ def test_a_fast_save_lets_go_of_its_snapshot_before_the_sync(
         assert saver_released and saver_released[0] < synced_at, events
 
 
-@pytest.mark.parametrize("batch, chunk, pieces", [
-    (4096, 1024, 1024),  # Many batches; the weights' checksum set late.
-    (8192, 4096, 3),  # Batches cut short by the pieces a call may take.
-    (2**30, 2**18, 1024),  # One batch: the checksum set before writing.
+@pytest.mark.parametrize("direct", [True, False],
+                         ids=["direct I/O", "page cache"])
+@pytest.mark.parametrize("stage, chunk", [
+    (8192, 1024),  # Many stages; the weights' checksum set late.
+    (8192, 8192),  # Chunks as big as a stage.
+    (2**30, 2**18),  # One stage: the checksum set before writing.
 ])
-def test_a_file_written_in_batches_is_the_file_keras_wrote(
-        tmp_path, monkeypatch, batch, chunk, pieces):
-    """However the pieces of a save fall into write batches, the file is
-    Keras' (its weights entry's checksum included: `zipfile` checks it)."""
-    from asynccb import _file_template
+def test_a_file_written_in_stages_is_the_file_keras_wrote(
+        tmp_path, monkeypatch, stage, chunk, direct):
+    """However the pieces of a save fall into staged writes, direct or
+    through the page cache, the file is Keras' (its weights entry's
+    checksum included: `zipfile` checks it)."""
+    from asynccb import _file_template, _staged_file
     from asynccb._file_template import learn_keras_file, learn_weights_file
 
-    monkeypatch.setattr(_file_template, "_BATCH", batch)
+    monkeypatch.setattr(_staged_file, "STAGE_BYTES", stage)
     monkeypatch.setattr(_file_template, "_CHUNK", chunk)
-    monkeypatch.setattr(_file_template, "_MAX_PIECES", pieces)
+    monkeypatch.setattr(_file_template, "_DIRECT_IO", direct)
     path, slots, arrays, model = _learning_inputs(tmp_path)
     template = learn_weights_file(path, slots, arrays)
     rewritten = tmp_path / "rewritten.weights.h5"
@@ -355,6 +359,63 @@ def test_a_file_written_in_batches_is_the_file_keras_wrote(
             assert int.from_bytes(f.read(4), "little") == info.CRC
 
 
+def test_saves_take_direct_io_where_the_file_system_does(tmp_path):
+    """A file system that takes `O_DIRECT` gets the staged writes
+    direct; one that refuses it at `open` gets them through the page
+    cache."""
+    from asynccb._staged_file import StagedFile
+
+    out = StagedFile(str(tmp_path / "file"))
+    try:
+        out.add(memoryview(b"x" * 5000))
+        out.flush()
+        assert out.direct is _takes_direct_io(tmp_path)
+    finally:
+        out.close()
+    assert (tmp_path / "file").read_bytes() == b"x" * 5000
+
+
+def test_direct_io_refused_at_the_first_write(tmp_path, monkeypatch):
+    """A file system that takes `O_DIRECT` at `open` but refuses the first
+    write (here: the kernel refusing a write not aligned to the disk's
+    blocks) gets the file through the page cache, whole, each slot let go
+    of once."""
+    from asynccb import _staged_file
+    from asynccb._file_template import learn_weights_file
+
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open")
+    monkeypatch.setattr(_staged_file, "_ALIGN", 1)  # Unaligned writes.
+    path, slots, arrays, _ = _learning_inputs(tmp_path)
+    template = learn_weights_file(path, slots, arrays)
+    refused = []
+    original_flush = _staged_file.StagedFile.flush
+
+    def recorded_flush(self):
+        try:
+            original_flush(self)
+        except _staged_file.DirectIORefused:
+            refused.append(self.direct)
+            raise
+
+    monkeypatch.setattr(_staged_file.StagedFile, "flush", recorded_flush)
+    let_go = []
+    rewritten = tmp_path / "rewritten.weights.h5"
+    template.write(str(rewritten), arrays, let_go.append)
+    assert refused == [True]
+    assert rewritten.read_bytes() == Path(path).read_bytes()
+    assert sorted(let_go) == sorted({r.slot for r in template.regions})
+
+
+def _takes_direct_io(directory) -> bool:
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT
+                         | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
 def test_each_slot_is_let_go_of_once_its_bytes_are_in_the_file(
         tmp_path, monkeypatch):
     """A save reports each variable once the file has its bytes, holding
@@ -362,10 +423,10 @@ def test_each_slot_is_let_go_of_once_its_bytes_are_in_the_file(
     written (training then need not copy it on its next update)."""
     import weakref
 
-    from asynccb import _file_template
+    from asynccb import _file_template, _staged_file
     from asynccb._file_template import learn_weights_file
 
-    monkeypatch.setattr(_file_template, "_BATCH", 8192)
+    monkeypatch.setattr(_staged_file, "STAGE_BYTES", 8192)
     monkeypatch.setattr(_file_template, "_CHUNK", 4096)
     path, slots, views, _ = _learning_inputs(tmp_path)
     template = learn_weights_file(path, slots, views)
