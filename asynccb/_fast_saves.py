@@ -11,8 +11,10 @@ counted in `stats()`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -47,6 +49,30 @@ FAST = "fast"
 _FIRST = "keras: first save of its layout (learning the file)"
 _CONFIG = ("keras: the config changed (an optimizer hyperparameter such as "
            "the learning rate); learning the file again")
+
+
+# What fast saves learned of each model's files, by blueprint (one per live
+# model and variable set), then by format and layout: a `Template`, or why
+# its saves need Keras. Kept past the shadow, which a large model drops at
+# the end of each run, so that the next run of the same model (a notebook's
+# next `fit`, in a warm worker or in this process) saves fast from its first
+# save. A template is a file's bytes without its data: kilobytes, a few
+# megabytes for a model of many layers; the least recently used models'
+# are forgotten past `_MODELS_KEPT`.
+_MODELS_KEPT = 8
+_learned: collections.OrderedDict[str, dict[tuple, Any]] = (
+    collections.OrderedDict())
+_learned_lock = threading.Lock()
+
+
+def _templates(shadow: Shadow) -> dict[tuple, Any]:
+    with _learned_lock:
+        key = shadow.blueprint.key
+        templates = _learned.pop(key, None)
+        _learned[key] = templates = {} if templates is None else templates
+        while len(_learned) > _MODELS_KEPT:
+            _learned.popitem(last=False)
+        return templates
 
 
 def _form(method: str, args: tuple, kwargs: dict,
@@ -101,7 +127,8 @@ def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
           fast: bool, state: _State) -> str:
     form, reason = _form(method, args, kwargs, fast)
     key = (form, state.signature)
-    known = shadow.templates.get(key) if form else None
+    templates = _templates(shadow)
+    known = templates.get(key) if form else None
     if isinstance(known, Template) and known.fits(state.arrays()):
         target = save_target(args[0], kwargs.get("overwrite", True))
         with atomic_path(target) as tmp:
@@ -119,17 +146,17 @@ def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
         variables = state_variables(model, state.level)
         try:
             slots = dataset_slots(model, variables)
-            shadow.templates[key] = (
+            templates[key] = (
                 learn_weights_file(tmp, slots, state.arrays())
                 if form == "weights" else learn_keras_file(
                     tmp, slots, state.arrays(),
                     _config_slots(model, variables)))
         except CannotCopySave as exc:
-            shadow.templates[key] = f"keras: {exc}"
+            templates[key] = f"keras: {exc}"
         except (OSError, MemoryError):
             raise  # The file system's trouble: the save's, the user's.
         except Exception as exc:  # A file asynccb does not know how to read.
-            shadow.templates[key] = (
+            templates[key] = (
                 f"keras: learning the file failed ({type(exc).__name__})")
             logger.warning("asynccb: cannot learn the layout of %s; its "
                            "saves go through Keras' writer", args[0],
@@ -138,7 +165,7 @@ def _save(shadow: Shadow, method: str, args: tuple, kwargs: dict,
     save_atomically(model, method, args, kwargs,
                     then=learn if form and not isinstance(known, str)
                     else None)
-    learned = shadow.templates.get(key) if form else None
+    learned = templates.get(key) if form else None
     return learned if isinstance(learned, str) else reason
 
 

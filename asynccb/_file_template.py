@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import struct
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -94,6 +95,10 @@ class Template:
     metadata_stamp: _Stamp | None = None
     date_at: int = 0  # Offset of `date_saved`'s value in the metadata.
     _fixed_starts: list[int] = field(default_factory=list)
+    # A write patches the fixed pieces (time, checksums): one at a time,
+    # when two lanes save the same model's files.
+    _writing: threading.Lock = field(default_factory=threading.Lock,
+                                     repr=False, compare=False)
 
     def __post_init__(self) -> None:
         starts, offset = [], 0
@@ -114,19 +119,20 @@ class Template:
         after which the writer holds no reference to it: the caller may
         let go of it while later slots are written.
         """
-        if self.weights_span is not None:
-            self._stamp_time(time.time())
-        out = StagedFile(path, direct=_DIRECT_IO)
-        try:
+        with self._writing:
+            if self.weights_span is not None:
+                self._stamp_time(time.time())
+            out = StagedFile(path, direct=_DIRECT_IO)
             try:
-                self._write_blocks(out, arrays, written)
-            except DirectIORefused:
-                # At its first write, before any slot was let go of.
+                try:
+                    self._write_blocks(out, arrays, written)
+                except DirectIORefused:
+                    # At its first write, before any slot was let go of.
+                    out.close()
+                    out = StagedFile(path, direct=False)
+                    self._write_blocks(out, arrays, written)
+            finally:
                 out.close()
-                out = StagedFile(path, direct=False)
-                self._write_blocks(out, arrays, written)
-        finally:
-            out.close()
 
     def _write_blocks(self, out: StagedFile, arrays: Sequence[np.ndarray],
                       written: Callable[[int], None]) -> None:

@@ -244,9 +244,6 @@ class Shadow:
         self.lock = threading.Lock()
         self._signatures: dict[int, tuple] = {}
         self._holding: int | None = None  # The serial of the last snapshot.
-        # What fast saves learned of this model's files, by format and
-        # layout: a `Template`, or why its saves need Keras.
-        self.templates: dict[tuple, Any] = {}
 
     def get(self) -> Any:
         """The shadow model, built on first use."""

@@ -97,6 +97,25 @@ def test_saves_after_the_first_are_keras_files_byte_for_byte(
         assert_loads_in_a_fresh_interpreter(keras_dir, ours)
 
 
+def test_the_next_run_of_a_model_saves_fast_from_its_first_save(
+        tmp_path, executor):
+    """What a run learned of a model's files serves the model's next run
+    (a notebook's next `fit`): its saves are all fast, and Keras' files."""
+    model = make_model("functional")
+    x, y = mnist_like(128)
+    paths = []
+    for run in range(2):
+        keras_dir, ours = tmp_path / f"keras{run}", tmp_path / f"asynccb{run}"
+        keras_dir.mkdir(), ours.mkdir()
+        wrapped = [AsyncCallback(c, executor=executor)
+                   for c in checkpoints(ours, every=2)]
+        model.fit(x, y, epochs=1, **FIT,
+                  callbacks=checkpoints(keras_dir, every=2) + wrapped)
+        assert len(assert_keras_files(keras_dir, ours)) == 2 * 2
+        paths.append([dict(c.stats().save_paths) for c in wrapped])
+    assert paths == [[{FIRST: 1, FAST: 1}] * 2, [{FAST: 2}] * 2]
+
+
 LOADER = """
 import sys, numpy as np, keras
 sys.path.insert(0, {tests!r})
@@ -478,3 +497,25 @@ def test_learning_proves_the_file_holds_the_snapshot(tmp_path):
         h5file.create_dataset(name, data=data, compression="gzip")
     with pytest.raises(CannotCopySave, match="chunked or filtered"):
         learn_weights_file(path, slots, arrays)
+
+
+def test_templates_are_kept_for_the_last_models_only():
+    """What fast saves learned is kept for the models saved last (each a
+    blueprint), not for every model a long session ever trained."""
+    from types import SimpleNamespace
+
+    from asynccb import _fast_saves
+
+    shadows = [SimpleNamespace(blueprint=SimpleNamespace(key=f"model {i}"))
+               for i in range(_fast_saves._MODELS_KEPT + 3)]
+    first = _fast_saves._templates(shadows[0])
+    first["learned"] = "a template"
+    for shadow in shadows[1:-1]:
+        _fast_saves._templates(shadow)
+        # The first model saves again: the most recently used.
+        assert _fast_saves._templates(shadows[0]) is first
+    _fast_saves._templates(shadows[-1])
+    kept = set(_fast_saves._learned)
+    assert len(kept) == _fast_saves._MODELS_KEPT
+    assert "model 0" in kept and "model 1" not in kept
+    assert _fast_saves._templates(shadows[0]) == {"learned": "a template"}
