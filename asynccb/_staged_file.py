@@ -7,12 +7,12 @@ page-aligned staging buffer, and each full buffer goes to the file in one
 write at a multiple of its size. Opened with `O_DIRECT`, the file takes
 the buffer straight to the disk, with no copy into the page cache, no page
 cache to fill, write back and drop: on this project's machine (ext4 on a
-virtio disk, Linux 6.18) that halved a save's CPU, the staging copy
-included (100 MiB: 17.5 ms of the process' CPU against 35 ms through the
-page cache, and 26 against 42 ms for the whole machine, kernel writeback
-included). A file system that refuses direct I/O (tmpfs before Linux 6.6,
-some network and FUSE file systems) gets the same buffer through the page
-cache, whose pages the save drops once synced (`asynccb._saving`).
+virtio disk, Linux 6.18) a fast save costs 0.55-0.74 of the same save
+through the page cache at 10-100 MiB, the staging copy included (medians
+of paired ratios, `benchmarks/save_cost.py`). A file system that refuses
+direct I/O (tmpfs before Linux 6.6, some network and FUSE file systems)
+gets the same buffer through the page cache, whose pages the save drops
+once synced (`asynccb._saving`).
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ class StagedFile:
         """Writes what is staged."""
         staged = self.offset - self.written
         size = _aligned_up(staged) if self.direct else staged
+        # Padding (cut off below): zeros, not an earlier file's bytes.
+        self._stage[staged:size] = bytes(size - staged)
         try:
             _pwrite_all(self.fd, self._stage[:size], self.written)
         except OSError as exc:
