@@ -34,6 +34,11 @@ How to read the tables:
   into a quiet page cache, is in the table, and in the JSON as
   `over_raw_write_apart`). Median over repeats, with min-max: 1x is about
   the least any format can cost.
+- "fast save writer apart": asynccb's fast-save writer alone, beside the
+  raw write apart and as quiet (no training, no snapshot, no dispatch):
+  a template learned from Keras' save of the model's state, written
+  atomically from a copy of that state (`fast_writer_seconds`); "x" over
+  the raw write apart of the same repeat.
 - "raw write, pages kept": the same writes keeping their pages cached, as
   a plain write and Keras' saves do. On a VM whose free memory goes back
   to its host (virtio-balloon free page reporting, as here), each write
@@ -244,6 +249,51 @@ def fit_once(model: Any, data: tuple, name: str, form: str,
     return run
 
 
+def fast_writer_seconds(model: Any, form: str, scratch: str,
+                        repeats: int = 5) -> dict[str, float]:
+    """What asynccb's fast-save writer costs alone, beside one raw write
+    apart: a template learned from Keras' save of the model's state, then
+    written from a private copy of that state as a fast save writes it
+    (temporary name, direct I/O where taken, `fsync`, rename) `repeats`
+    times; the medians of CPU seconds (this process) and wall seconds. No
+    training, no snapshot, no dispatch: what is left of a fast save's cost
+    in a run is theirs."""
+    from asynccb._file_template import learn_keras_file, learn_weights_file
+    from asynccb._save_sources import dataset_slots
+    from asynccb._saving import atomic_path
+    from asynccb._snapshot import (
+        StateLayout,
+        StateLevel,
+        allocate_private,
+        state_variables,
+    )
+    from raw_writes import own_cpu_seconds
+
+    variables = state_variables(model, StateLevel.FULL)
+    layout = StateLayout(StateLevel.FULL, variables)
+    buffer = allocate_private(layout.nbytes)
+    layout.capture(buffer)
+    arrays = buffer.views(layout.spec)
+    slots = dataset_slots(model, variables)
+    path = os.path.join(scratch, "fast-writer" + form)
+    if form == ".keras":
+        model.save(path)
+        template = learn_keras_file(path, slots, arrays, ())
+    else:
+        model.save_weights(path)
+        template = learn_weights_file(path, slots, arrays)
+    cpu, wall = [], []
+    for _ in range(repeats):
+        cpu_start, start = own_cpu_seconds(), time.perf_counter()
+        with atomic_path(path) as tmp:
+            template.write(tmp, arrays)
+        wall.append(time.perf_counter() - start)
+        cpu.append(own_cpu_seconds() - cpu_start)
+    os.remove(path)
+    return {"bytes": template.size, "cpu_s": statistics.median(cpu),
+            "wall_s": statistics.median(wall), "repeats": repeats}
+
+
 def summarize(runs: dict[str, list[dict]], firsts: dict[str, list[dict]],
               raws: list[dict], saves: int) -> list[dict[str, Any]]:
     """Per variant: medians over repeats of figures paired with the same
@@ -318,6 +368,7 @@ def measure_size(mib: float, repeats: int, saves: int | None,
     runs = {form: {name: [] for name in variants} for form in FORMATS}
     firsts = {form: {name: [] for name in variants} for form in FORMATS}
     raws: dict[str, list[dict]] = {form: [] for form in FORMATS}
+    writers: dict[str, list[dict]] = {form: [] for form in FORMATS}
     short = (x[:EVERY * BATCH], y[:EVERY * BATCH])  # One save.
     for repeat in range(repeats):
         for form in _rotated(list(FORMATS), repeat):
@@ -331,11 +382,13 @@ def measure_size(mib: float, repeats: int, saves: int | None,
             # be among those measured).
             raws[form].append(raw_write_seconds(len(payloads[form]),
                                                 scratch))
+            writers[form].append(fast_writer_seconds(model, form, scratch))
     asynccb.shutdown()
     return {
         "mib": mib, "width": width, "state_bytes": nbytes, "every": EVERY,
         "saves": saves, "steps": EVERY * saves, "batch_size": BATCH,
         "formats": {form: {"raw_write": raws[form],
+                           "fast_writer": writers[form],
                            "variants": summarize(runs[form], firsts[form],
                                                  raws[form], saves)}
                     for form in FORMATS},
@@ -378,18 +431,26 @@ def _cell(variant: dict) -> str:
 def markdown_table(rows: list[dict], form: str, variants: list[str]) -> str:
     names = variants[1:]
     lines = ["| state MiB | saves | one raw write apart ms | "
+             "fast save writer apart ms (x) | "
              + " | ".join(names)
              + " | first save ms: " + ", ".join(names) + " |",
-             "|---" * (4 + len(names)) + "|"]
+             "|---" * (5 + len(names)) + "|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['mib']:g} | {row['error']} |")
             continue
         part = row["formats"][form]
         raw = statistics.median(r["cpu_s"] for r in part["raw_write"])
+        writer = statistics.median(w["cpu_s"] for w in part["fast_writer"])
+        writer_x = statistics.median(
+            [w["cpu_s"] / r["cpu_s"] for w, r in
+             zip(part["fast_writer"], part["raw_write"]) if r["cpu_s"]]
+            or [math.nan])
         by_name = {v["name"]: v for v in part["variants"]}
         cells = [f"{row['state_bytes'] / 2**20:.3g}", str(row["saves"]),
-                 f"{raw * 1e3:.1f}"] + [_cell(by_name[n]) for n in names] + [
+                 f"{raw * 1e3:.1f}",
+                 f"{writer * 1e3:.1f} ({writer_x:.2f}x)"] + [
+                     _cell(by_name[n]) for n in names] + [
             ", ".join(f"{by_name[n]['first_save_s'] * 1e3:.0f}"
                       for n in names)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -246,6 +246,12 @@ def test_tiny_save_cost(tmp_path):
         assert set(row["formats"]) == {".keras", ".weights.h5"}
         for form, part in row["formats"].items():
             assert part["raw_write"][0]["bytes"] > 0
+            # The writer alone wrote a file of plain Keras' size.
+            writer = part["fast_writer"][0]
+            keras_run = next(v for v in part["variants"]
+                             if v["name"] == "keras")["runs"][0]
+            assert writer["cpu_s"] > 0
+            assert writer["bytes"] == keras_run["file_bytes"], form
             by_name = {v["name"]: v for v in part["variants"]}
             assert sorted(by_name) == sorted(variants), form
             for name, variant in by_name.items():
@@ -261,8 +267,8 @@ def test_tiny_save_cost(tmp_path):
                          "asynccb thread, page cache"):
                 assert "fast" in by_name[name]["save_paths"], (form, name)
     out = completed.stdout
-    assert ("| state MiB | saves | one raw write apart ms | raw write | "
-            "keras |") in out
+    assert ("| state MiB | saves | one raw write apart ms | fast save "
+            "writer apart ms (x) | raw write | keras |") in out
     assert "TF threads 1 intra-op / 1 inter-op; 1 interleaved repeats" in out
 
 
