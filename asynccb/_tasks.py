@@ -156,6 +156,12 @@ class TaskRunner:
         if self.shadow is None:
             return None
         if task.kind in _SETUP:
+            if self.callback is None:
+                # A lane that only saves: its shadow is built when a save
+                # needs Keras' writer, never if fast saves know the files
+                # (a model's next run: at 300 MiB of state, a build costs
+                # a worker a second of CPU and the state's memory).
+                return None
             self.shadow.get()  # Build now, ahead of the first snapshot.
             if task.snapshot is not None:
                 self.shadow.apply(task.snapshot)

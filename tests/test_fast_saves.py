@@ -116,6 +116,33 @@ def test_the_next_run_of_a_model_saves_fast_from_its_first_save(
     assert paths == [[{FIRST: 1, FAST: 1}] * 2, [{FAST: 2}] * 2]
 
 
+def test_a_run_whose_saves_are_all_fast_builds_no_shadow(
+        tmp_path, monkeypatch):
+    """A checkpoint's shadow model is built only for a save through
+    Keras' writer: a model's next run, whose files fast saves know, builds
+    none (at 300 MiB of state a build cost a worker a second of CPU)."""
+    from asynccb._shadow import ModelBlueprint
+
+    builds = []
+    build = ModelBlueprint.build
+
+    def counted_build(self):
+        builds.append(self.key)
+        return build(self)
+
+    monkeypatch.setattr(ModelBlueprint, "build", counted_build)
+    model = make_model("functional")
+    x, y = mnist_like(128)
+    for run in range(2):
+        wrapped = [AsyncCallback(c, executor="thread") for c in
+                   checkpoints(tmp_path / str(run), every=2)]
+        model.fit(x, y, epochs=1, **FIT, callbacks=wrapped)
+        assert len(list((tmp_path / str(run)).iterdir())) == 2 * 2
+        if run == 0:  # One shadow, shared by the two checkpoints.
+            assert len(builds) == 1
+    assert len(builds) == 1
+
+
 LOADER = """
 import sys, numpy as np, keras
 sys.path.insert(0, {tests!r})
