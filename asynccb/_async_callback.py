@@ -100,10 +100,11 @@ class AsyncCallback(keras.callbacks.Callback):
             plain Keras, by however far the worker lags.
         max_snapshots: The most snapshot buffers alive at once (memory
             bound: each holds one copy of the state the callback needs).
-        fast_saves: Let model saves after the run's first one (`.keras`
+        fast_saves: Let model saves after the model's first one (`.keras`
             and `.weights.h5`) be written straight from the snapshot, in the
-            file layout learned from Keras' own first save: the same file
-            for about the cost of one copy of its bytes. `False` sends
+            file layout learned from Keras' own first save (kept for the
+            model's next runs): the same file for about the cost of one
+            copy of its bytes. `False` sends
             every save through Keras' writer. `stats()` counts each save's
             path and why Keras' was needed.
         exit_grace: When a run ends early (SIGTERM, an exception or

@@ -106,7 +106,7 @@ class Options:
         on_full: The full-queue policy: `"block"`, `"drop_oldest"` or
             `"latest"`.
         max_snapshots: The most snapshot buffers alive at once.
-        fast_saves: Whether checkpoint saves after a run's first may be
+        fast_saves: Whether checkpoint saves after a model's first may be
             written straight from the snapshot into the file layout learned
             from Keras' first save (see `asynccb._fast_saves`).
         exit_grace: The most seconds spent finishing accepted hooks when a
