@@ -67,9 +67,8 @@ _learned_lock = threading.Lock()
 
 def _templates(shadow: Shadow) -> dict[tuple, Any]:
     with _learned_lock:
-        key = shadow.blueprint.key
-        templates = _learned.pop(key, None)
-        _learned[key] = templates = {} if templates is None else templates
+        templates = _learned.setdefault(shadow.blueprint.key, {})
+        _learned.move_to_end(shadow.blueprint.key)
         while len(_learned) > _MODELS_KEPT:
             _learned.popitem(last=False)
         return templates

@@ -144,7 +144,7 @@ class StagedFile:
 
     def _patch_written(self, offset: int, data: bytes) -> None:
         if not self.direct:
-            os.pwrite(self.fd, data, offset)
+            _pwrite_all(self.fd, memoryview(data), offset)
             return
         # Direct I/O reads and writes whole blocks: read them back, set
         # the bytes, write them again (a checksum's 4 bytes: one block).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -71,12 +71,22 @@ def raw_write_seconds(nbytes: int, directory: str,
     chunk = memoryview(np.random.default_rng(0).bytes(
         min(RAW_WRITE_CHUNK, max(nbytes, 1))))
     path = os.path.join(directory, "raw-write.bin")
+    return {"bytes": nbytes, **median_cost(
+        lambda: write_pieces(path, _repeated(chunk, nbytes), keep_cached=True),
+        repeats, then=lambda: os.remove(path))}
+
+
+def median_cost(call: Callable[[], None], repeats: int,
+                then: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Calls `call` `repeats` times, each followed by `then` (outside the
+    measure); the medians of their CPU seconds (this process) and wall
+    seconds."""
     cpu, wall = [], []
     for _ in range(repeats):
         cpu_start, start = own_cpu_seconds(), time.perf_counter()
-        write_pieces(path, _repeated(chunk, nbytes), keep_cached=True)
+        call()
         wall.append(time.perf_counter() - start)
         cpu.append(own_cpu_seconds() - cpu_start)
-        os.remove(path)
-    return {"bytes": nbytes, "cpu_s": statistics.median(cpu),
+        then()
+    return {"cpu_s": statistics.median(cpu),
             "wall_s": statistics.median(wall), "repeats": repeats}

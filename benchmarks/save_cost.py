@@ -267,7 +267,7 @@ def fast_writer_seconds(model: Any, form: str, scratch: str,
         allocate_private,
         state_variables,
     )
-    from raw_writes import own_cpu_seconds
+    from raw_writes import median_cost
 
     variables = state_variables(model, StateLevel.FULL)
     layout = StateLayout(StateLevel.FULL, variables)
@@ -282,16 +282,14 @@ def fast_writer_seconds(model: Any, form: str, scratch: str,
     else:
         model.save_weights(path)
         template = learn_weights_file(path, slots, arrays)
-    cpu, wall = [], []
-    for _ in range(repeats):
-        cpu_start, start = own_cpu_seconds(), time.perf_counter()
+
+    def write() -> None:
         with atomic_path(path) as tmp:
             template.write(tmp, arrays)
-        wall.append(time.perf_counter() - start)
-        cpu.append(own_cpu_seconds() - cpu_start)
+
+    cost = median_cost(write, repeats)
     os.remove(path)
-    return {"bytes": template.size, "cpu_s": statistics.median(cpu),
-            "wall_s": statistics.median(wall), "repeats": repeats}
+    return {"bytes": template.size, **cost}
 
 
 def summarize(runs: dict[str, list[dict]], firsts: dict[str, list[dict]],
