@@ -249,11 +249,12 @@ class Buffer:
         return int(self.data.nbytes)
 
     def free(self) -> None:
-        """Returns the memory to the system (end of run)."""
+        """Returns the memory (end of run); once, however often called."""
         self.data = np.empty(0, np.uint8)
         self._views = None
-        if self._release is not None:
-            self._release()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def allocate_held(nbytes: int) -> Buffer:

@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 import keras
 import pytest
-from conftest import (JOIN_TIMEOUT_S, mnist_like, shared_segments,
+from conftest import (JOIN_TIMEOUT_S, kept_segments, mnist_like, shared_segments,
                       worker_processes)
 from crossproc import wait_for_exit
 from test_process import _model  # The same small model.
@@ -331,7 +331,8 @@ def _leftovers(threads_before, directory, dead_pid) -> list[str]:
         left.append(f"{len(workers)} worker processes")
     if dead_pid is not None and _is_zombie_of_ours(dead_pid):
         left.append(f"the dead worker {dead_pid}, unreaped")
-    left += [f"segment {name}" for name in shared_segments()]
+    left += [f"segment {name}" for name in shared_segments()
+             if name not in kept_segments()]
     left += [f"file {path.name}" for path in sorted(directory.iterdir())]
     return left
 

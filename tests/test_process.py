@@ -349,27 +349,43 @@ def test_a_later_fit_reuses_the_warm_worker_and_its_shadow():
     assert second.seen[0][0] == pid  # The same worker serves both.
 
 
-def _unlinked_segments_mapped(pid: int) -> int:
+def _segments_mapped(pid: int) -> tuple[set[str], set[str]]:
+    """The asynccb segments process `pid` maps: all, and those removed."""
     with open(f"/proc/{pid}/maps") as maps:
-        return len({line.split()[5] for line in maps
-                    if "/asynccb-" in line and line.endswith("(deleted)\n")})
+        lines = [line for line in maps if "/asynccb-" in line]
+    return ({line.split()[5] for line in lines},
+            {line.split()[5] for line in lines
+             if line.endswith("(deleted)\n")})
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux only")
-def test_a_warm_worker_maps_no_segment_of_an_ended_run_for_long():
-    """Each run's snapshot buffers are new segments, removed at its end;
-    a warm worker unmaps those of ended runs once a new run sends one, so
-    fits with new callbacks do not pile up memory in it."""
+def test_the_next_run_reuses_the_snapshot_segments_the_worker_maps():
+    """A run's snapshot buffers outlive it, kept for the next run: fits
+    with new callbacks reuse the same segments, which the warm worker
+    still maps (neither side pages in a new one), and the worker maps no
+    segment the training process removed."""
+    from asynccb._executors.process.shared_memory import (
+        free_kept,
+        kept_segments,
+    )
+
+    free_kept()  # Those of earlier tests' models.
     model = make_model()
     x, y = mnist_like(64)
-    mapped = []
-    for _ in range(4):
+    runs = []
+    for _ in range(3):
         callback = RecordsItsWorker()
         model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[
             AsyncCallback(callback, executor="process", state="weights")])
-        # The last run's buffers (at most `max_snapshots`) only.
-        mapped.append(_unlinked_segments_mapped(callback.pid))
-    assert max(mapped) <= 2, mapped
+        mapped, removed = _segments_mapped(callback.pid)
+        runs.append((sorted(kept_segments()), mapped, removed))
+    kept = runs[0][0]
+    assert 1 <= len(kept) <= 2  # This run's buffers: `max_snapshots`.
+    assert sorted(shared_segments()) == kept
+    for kept_again, mapped, removed in runs:
+        assert kept_again == kept
+        assert mapped and {n.rsplit("/", 1)[1] for n in mapped} <= set(kept)
+        assert not removed
 
 
 def test_idle_worker_stops_after_the_timeout():
@@ -384,14 +400,16 @@ def test_idle_worker_stops_after_the_timeout():
         _model(Doubler()).fit(x, y, epochs=1, batch_size=32, verbose=0,
                               callbacks=[AsyncCallback(callback,
                                                        executor="process",
-                                                       state="none")])
+                                                       state="weights")])
         [(pid, _)] = worker_processes()
         assert callback.seen[0][0] == pid
         # Idle now, counting down the default 10 minutes: a new timeout
         # restarts the countdown.
+        assert shared_segments()  # Its snapshot buffers, kept for it.
         asynccb.configure_workers(idle_timeout=0.2)
         assert wait_for_exit(pid, JOIN_TIMEOUT_S), "the idle worker stayed"
         assert worker_processes() == []
+        assert shared_segments() == []  # Freed with it.
     finally:
         asynccb.configure_workers()
 

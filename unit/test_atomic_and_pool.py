@@ -104,23 +104,66 @@ def test_pool_retires_buffers_that_no_longer_fit():
 
 def test_a_closed_lane_gives_its_mappings_back():
     """A warm worker maps each run's snapshot segments; a lane that closes
-    takes its share back, so the segments of runs gone are unmapped (an
-    unlinked segment stays in memory while mapped)."""
-    from asynccb._executors.process.shared_memory import (
-        SharedBuffers,
-        allocate_shared,
-    )
+    takes its share back: the segments the training process removed are
+    unmapped (an unlinked segment stays in memory while mapped), and of
+    those it keeps for its next runs, as many as it keeps stay mapped."""
+    from asynccb._executors.process import shared_memory
 
-    buffers = SharedBuffers(0)
-    segments = [allocate_shared(4096) for _ in range(3)]
+    kept = shared_memory._KEPT_SEGMENTS
+    buffers = shared_memory.SharedBuffers(0)
+    segments = [shared_memory.allocate_shared(4096)
+                for _ in range(kept + 2)]
     try:
-        buffers.grow(3)  # A lane opens: its pool's buffers, plus one.
+        buffers.grow(len(segments))  # A lane opens.
         views = [buffers.array(segment.name, 16) for segment in segments]
-        assert len(buffers._mapped) == 3
+        assert len(buffers._mapped) == len(segments)
         del views  # The lane's tasks are done with them.
-        buffers.shrink(3)  # The lane closes.
-        assert len(buffers._mapped) == 0
+        segments[0].free()  # Kept by the training process: still there.
+        buffers.shrink(len(segments))  # The lane closes.
+        assert list(buffers._mapped) == [s.name for s in segments[2:]]
+        shared_memory.free_kept()  # Removed: unmapped at the next look.
+        buffers.shrink(0)
+        assert list(buffers._mapped) == [s.name for s in segments[2:]]
+        for segment in segments[2:]:
+            segment.free()
+        shared_memory.free_kept()
+        buffers.shrink(0)
+        assert not buffers._mapped
     finally:
         for segment in segments:
             segment.free()
+        shared_memory.free_kept()
         buffers.close()
+
+
+def test_a_freed_shared_buffer_is_kept_for_the_next_run():
+    """Freeing a shared buffer keeps its segment, which the next buffer
+    that fits in it reuses (paged in already); beyond the bound the least
+    recently kept are removed, and `free_kept` removes all."""
+    from asynccb._executors.process import shared_memory
+
+    first = shared_memory.allocate_shared(8192)
+    name = first.name
+    first.data[:4] = 7
+    first.free()
+    assert shared_memory.kept_segments() == [name]
+    try:
+        again = shared_memory.allocate_shared(4096)  # Fits: reused whole.
+        assert (again.name, again.nbytes) == (name, 8192)
+        assert list(again.data[:4]) == [7] * 4
+        larger = shared_memory.allocate_shared(16384)  # Does not fit.
+        assert larger.name != name
+        again.free()
+        larger.free()
+        many = [shared_memory.allocate_shared(4096)
+                for _ in range(shared_memory._KEPT_SEGMENTS + 1)]
+        names = [buffer.name for buffer in many]
+        assert name in names  # The smallest that fits comes first.
+        for buffer in many:
+            buffer.free()
+        assert shared_memory.kept_segments() == names[1:]
+        assert not os.path.exists(f"/dev/shm/{names[0]}")
+    finally:
+        shared_memory.free_kept()
+    assert shared_memory.kept_segments() == []
+    assert not os.path.exists(f"/dev/shm/{name}")

@@ -53,7 +53,8 @@ def get_executor(name: str) -> type[Executor]:
 
 
 def shutdown() -> None:
-    """Stops asynccb's warm worker processes now.
+    """Stops asynccb's warm worker processes now, and frees the snapshot
+    buffers kept for their next run.
 
     They stop by themselves after some idle minutes (see the README) and
     at interpreter exit; call this to have their memory back at once. The

@@ -35,7 +35,7 @@ from typing import Any
 from asynccb._errors import WorkerDiedError
 from asynccb._executors import IDLE_TIMEOUT_S
 from asynccb._executors.placement import worker_cpus
-from asynccb._executors.process import messages
+from asynccb._executors.process import messages, shared_memory
 
 __all__ = ["WorkerProcess", "acquire", "configure", "release", "shutdown"]
 
@@ -341,6 +341,9 @@ class _Pool:
             if timer is not self._idle:
                 return  # Cancelled: a run came, or a shutdown.
             workers, self._workers, self._idle = self._workers, [], None
+        # The snapshot buffers kept for them: removed first, so that they
+        # are gone once the workers are (unmapped by their exit).
+        shared_memory.free_kept()
         for worker in workers:
             worker.stop()
 
@@ -352,6 +355,7 @@ class _Pool:
                     "worker process; call it after `fit` returns.")
             self._cancel_idle()
             workers, self._workers = self._workers, []
+        shared_memory.free_kept()
         for worker in workers:
             worker.stop()
 

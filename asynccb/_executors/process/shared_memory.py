@@ -2,13 +2,15 @@
 
 The training process creates each buffer once, touches its pages, and
 reuses it for the whole run; a worker maps it by name and reads the
-snapshot from it in place. Buffers are named `asynccb-<pid>-<token>`, so a
-leftover segment in `/dev/shm` is easy to attribute. If the training
+snapshot from it in place. A run's buffers outlive it, kept warm for the
+next run (see `_KeptSegments`). Buffers are named `asynccb-<pid>-<token>`,
+so a leftover segment in `/dev/shm` is easy to attribute. If the training
 process is killed, multiprocessing's resource tracker unlinks them.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import sys
@@ -20,30 +22,101 @@ import numpy as np
 
 from asynccb._snapshot import Buffer
 
-__all__ = ["allocate_shared", "SharedBuffers", "SEGMENT_PREFIX"]
+__all__ = ["allocate_shared", "free_kept", "kept_segments", "SharedBuffers",
+           "SEGMENT_PREFIX"]
 
 SEGMENT_PREFIX = "asynccb-"
 _SHM = "/dev/shm"  # Where Linux lists POSIX shared memory segments.
+_KEPT_SEGMENTS = 4  # Twice the buffers of a run with the default options.
+
+
+class _KeptSegments:
+    """Segments whose run ended, kept for the next run's buffers.
+
+    A new segment costs its size in fresh pages twice per run: the
+    training process pages it in, and the warm worker maps it again. On a
+    VM whose free memory goes back to its host, fresh pages cost many
+    times their copy: seconds of CPU per GiB of state, at every `fit`,
+    part of it on the training thread before the first step. A kept
+    segment is still paged in here and still mapped in the worker (its
+    name is the same), so the next run of a model that size pays neither.
+    They live as long as the warm workers they serve: the workers' idle
+    timeout, `asynccb.shutdown()` and interpreter exit unlink them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: list[shared_memory.SharedMemory] = []
+        self._closed = False
+
+    def take(self, nbytes: int) -> shared_memory.SharedMemory | None:
+        """The smallest kept segment of at least `nbytes`, if any."""
+        with self._lock:
+            fitting = [s for s in self._segments if s.size >= nbytes]
+            if not fitting:
+                return None
+            segment = min(fitting, key=lambda s: s.size)
+            self._segments.remove(segment)
+            return segment
+
+    def keep(self, segment: shared_memory.SharedMemory) -> None:
+        """Keeps `segment` for a later run, unlinking the least recently
+        kept beyond `_KEPT_SEGMENTS` (all of them once closed)."""
+        with self._lock:
+            self._segments.append(segment)
+            unwanted = (self._segments if self._closed else
+                        self._segments[:-_KEPT_SEGMENTS])
+            self._segments = self._segments[len(unwanted):]
+        for old in unwanted:
+            _unlink(old)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [s.name.lstrip("/") for s in self._segments]
+
+    def free(self, closing: bool = False) -> None:
+        """Unlinks every kept segment; `closing`, also those kept later
+        (interpreter exit: a run closing after this frees its own)."""
+        with self._lock:
+            segments, self._segments = self._segments, []
+            self._closed = self._closed or closing
+        for segment in segments:
+            _unlink(segment)
+
+
+_kept = _KeptSegments()
+free_kept = _kept.free
+kept_segments = _kept.names
+# Registered after the dispatcher's exit hook (this module is imported
+# when a run first needs it), so it runs first: runs closing after it
+# unlink their segments as they go.
+atexit.register(_kept.free, closing=True)
+
+
+def _unlink(segment: shared_memory.SharedMemory) -> None:
+    segment.unlink()
+    try:
+        segment.close()
+    except BufferError:
+        # A view of it is still referenced somewhere; the mapping goes when
+        # that view does. The name is already gone.
+        pass
 
 
 def allocate_shared(nbytes: int) -> Buffer:
-    """A buffer of `nbytes` in a new shared memory segment, paged in."""
-    name = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    segment = shared_memory.SharedMemory(name=name, create=True,
-                                         size=max(nbytes, 1))
-    data = np.ndarray((nbytes,), np.uint8, buffer=segment.buf)
-    data.fill(0)  # Page in now, not during the first snapshot.
-
-    def release() -> None:
-        segment.unlink()
-        try:
-            segment.close()
-        except BufferError:
-            # A view of it is still referenced somewhere; the mapping goes
-            # when that view does. The name is already gone.
-            pass
-
-    return Buffer(data, name=name, release=release)
+    """A buffer of at least `nbytes` in shared memory, paged in: a segment
+    kept from an ended run if one is large enough, else a new one. Freeing
+    the buffer keeps its segment for the next run."""
+    segment = _kept.take(nbytes)
+    if segment is None:
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        segment = shared_memory.SharedMemory(name=name, create=True,
+                                             size=max(nbytes, 1))
+        data = np.ndarray((nbytes,), np.uint8, buffer=segment.buf)
+        data.fill(0)  # Page in now, not during the first snapshot.
+    data = np.ndarray((segment.size,), np.uint8, buffer=segment.buf)
+    return Buffer(data, name=segment.name.lstrip("/"),
+                  release=lambda: _kept.keep(segment))
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -72,12 +145,14 @@ class SharedBuffers:
     registration with the resource tracker, which counts none twice).
 
     Args:
-        capacity: How many mappings to keep; the least recently used one is
-            closed beyond that (the pools never have more buffers alive).
-            Lanes add their share as they open (`grow`) and take it back
-            as they close (`shrink`): a warm worker serves run after run,
-            and each run's buffers are new segments, which stay in memory
-            while mapped here.
+        capacity: How many mappings the open lanes need (their pools never
+            have more buffers alive). Lanes add their share as they open
+            (`grow`) and take it back as they close (`shrink`). Beyond it,
+            up to `_KEPT_SEGMENTS` more stay mapped, least recently used
+            closed first: the training process keeps that many segments
+            of ended runs for its next runs, which then find them mapped
+            here. Segments removed by the training process are unmapped
+            first (an unlinked segment stays in memory while mapped).
     """
 
     def __init__(self, capacity: int):
@@ -94,8 +169,13 @@ class SharedBuffers:
         used mappings beyond what is left."""
         with self._lock:
             self.capacity -= capacity
-            while len(self._mapped) > self.capacity:
-                self._close(self._mapped.popitem(last=False)[1])
+            self._trim()
+
+    def _trim(self) -> None:
+        for gone in [n for n in self._mapped if _unlinked(n)]:
+            self._close(self._mapped.pop(gone))
+        while len(self._mapped) > self.capacity + _KEPT_SEGMENTS:
+            self._close(self._mapped.popitem(last=False)[1])
 
     def array(self, name: str, nbytes: int) -> np.ndarray:
         """The first `nbytes` of segment `name`, as a uint8 array."""
@@ -105,18 +185,15 @@ class SharedBuffers:
     def _array(self, name: str, nbytes: int) -> np.ndarray:
         entry = self._mapped.get(name)
         if entry is None:
-            # A new run's segment: the runs whose segments are gone will
-            # send none again (lanes stay warm after their run, and keep
-            # their share, which would keep them in memory for nothing).
-            for gone in [n for n in self._mapped if _unlinked(n)]:
-                self._close(self._mapped.pop(gone))
             # Map it whole: one buffer serves snapshots of several sizes.
             segment = _attach(name)
             entry = (segment, np.ndarray((segment.size,), np.uint8,
                                          buffer=segment.buf))
             self._mapped[name] = entry
-            while len(self._mapped) > self.capacity:
-                self._close(self._mapped.popitem(last=False)[1])
+            # A new segment: the runs whose segments are gone will send
+            # none again (lanes stay warm after their run, and keep their
+            # share, which would keep them in memory for nothing).
+            self._trim()
         else:
             self._mapped.move_to_end(name)
         return entry[1][:nbytes]
