@@ -148,17 +148,20 @@ def test_a_freed_shared_buffer_is_kept_for_the_next_run():
     first.free()
     assert shared_memory.kept_segments() == [name]
     try:
+        smaller = shared_memory.allocate_shared(2048)  # A quarter: new.
+        assert smaller.name != name
         again = shared_memory.allocate_shared(4096)  # Fits: reused whole.
         assert (again.name, again.nbytes) == (name, 8192)
         assert list(again.data[:4]) == [7] * 4
         larger = shared_memory.allocate_shared(16384)  # Does not fit.
         assert larger.name != name
+        smaller.free()
         again.free()
         larger.free()
         many = [shared_memory.allocate_shared(4096)
                 for _ in range(shared_memory._KEPT_SEGMENTS + 1)]
         names = [buffer.name for buffer in many]
-        assert name in names  # The smallest that fits comes first.
+        assert names[0] == name  # The smallest that fits comes first.
         for buffer in many:
             buffer.free()
         assert shared_memory.kept_segments() == names[1:]

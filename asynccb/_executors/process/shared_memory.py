@@ -50,9 +50,11 @@ class _KeptSegments:
         self._closed = False
 
     def take(self, nbytes: int) -> shared_memory.SharedMemory | None:
-        """The smallest kept segment of at least `nbytes`, if any."""
+        """The smallest kept segment of `nbytes` up to twice that, if any
+        (a much larger one stays for the model it was made for)."""
         with self._lock:
-            fitting = [s for s in self._segments if s.size >= nbytes]
+            fitting = [s for s in self._segments
+                       if nbytes <= s.size <= 2 * nbytes]
             if not fitting:
                 return None
             segment = min(fitting, key=lambda s: s.size)
@@ -72,7 +74,7 @@ class _KeptSegments:
 
     def names(self) -> list[str]:
         with self._lock:
-            return [s.name.lstrip("/") for s in self._segments]
+            return [segment.name for segment in self._segments]
 
     def free(self, closing: bool = False) -> None:
         """Unlinks every kept segment; `closing`, also those kept later
@@ -115,7 +117,7 @@ def allocate_shared(nbytes: int) -> Buffer:
         data = np.ndarray((nbytes,), np.uint8, buffer=segment.buf)
         data.fill(0)  # Page in now, not during the first snapshot.
     data = np.ndarray((segment.size,), np.uint8, buffer=segment.buf)
-    return Buffer(data, name=segment.name.lstrip("/"),
+    return Buffer(data, name=segment.name,
                   release=lambda: _kept.keep(segment))
 
 
