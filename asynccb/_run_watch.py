@@ -9,6 +9,7 @@ finish the queued hooks (nothing is lost) and stop the workers.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import weakref
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._dispatcher import Dispatcher
 
-__all__ = ["RunWatch", "keras_run_frame"]
+__all__ = ["RunWatch", "keras_run_frame", "thread_frames"]
 
 # How often the watch looks. It only matters when `fit` raised past our
 # hooks: then it bounds how long the workers outlive it before they finish
@@ -41,6 +42,26 @@ def keras_run_frame() -> Any:
             return frame if module.startswith("keras.") else None
         frame = frame.f_back
     return None
+
+
+def thread_frames() -> dict[int, FrameType]:
+    """`sys._current_frames()`, with the cyclic garbage collector off.
+
+    CPython 3.11 holds its lock on the list of threads while it makes the
+    frames' objects; a collection that one of those allocations starts
+    may free a `threading.local`, whose cleanup takes that lock again, and
+    the process hangs for good (python/cpython#106883; a benchmark's `fit`
+    hung so, TensorFlow's graphs holding the locals). The call holds the
+    GIL throughout, so no other thread turns the collector back on during
+    it; one that turned it off before is left as it was.
+    """
+    if not gc.isenabled():
+        return sys._current_frames()
+    gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        gc.enable()
 
 
 class RunWatch:
@@ -69,7 +90,7 @@ class RunWatch:
 
     def run_alive(self) -> bool:
         """Whether the watched frame is still on its thread's stack."""
-        frame = sys._current_frames().get(self._thread_id)
+        frame = thread_frames().get(self._thread_id)
         while frame is not None:
             if frame is self._frame:
                 return True
