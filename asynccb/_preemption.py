@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from asynccb import _executors
 from asynccb._saving import remove_in_progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,8 +189,10 @@ def _finish_and_deliver(signum: int, frame: Any = None) -> None:
                 run.give_up(left[id(run)], "SIGTERM", ending=True)
             else:
                 run.close()
-        # Once all gave up: the saves still being written in this process.
+        # Once all gave up: the saves still being written in this process,
+        # and what executors keep between runs (exit handlers do not run).
         remove_in_progress()
+        _executors.process_ending()
     finally:
         _depth -= 1
     _end_as_sigterm(signum)

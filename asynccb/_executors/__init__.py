@@ -68,6 +68,15 @@ def shutdown() -> None:
             get_executor(name).shutdown()
 
 
+def process_ending() -> None:
+    """Lets each executor used let go of what would outlive the process,
+    which is ending without its exit handlers (see `Executor.
+    process_ending`)."""
+    for name, (module, _) in _IMPLEMENTATIONS.items():
+        if module in sys.modules:
+            get_executor(name).process_ending()
+
+
 def configure_workers(
     processes: int = 1,
     idle_timeout: float | None = IDLE_TIMEOUT_S,

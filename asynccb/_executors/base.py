@@ -87,6 +87,12 @@ class Executor(abc.ABC):
             RuntimeError: If a run is using it.
         """
 
+    @classmethod
+    def process_ending(cls) -> None:
+        """Lets go of what it keeps between runs that would outlive the
+        process (by default, nothing): the process ends without running
+        its exit handlers (SIGTERM's default action), its runs closed."""
+
     @abc.abstractmethod
     def start(self, lane: Lane) -> None:
         """Starts a consumer of `lane`'s queue; it runs until the queue is

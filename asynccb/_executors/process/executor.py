@@ -17,7 +17,7 @@ from asynccb._lane import Lane
 from asynccb._executors.placement import pin_this_thread
 from asynccb._executors.process import pool
 from asynccb._executors.process.runner import ProcessRunner, pickle_callback
-from asynccb._executors.process.shared_memory import allocate_shared
+from asynccb._executors.process.shared_memory import allocate_shared, free_kept
 from asynccb._executors.thread import ThreadExecutor
 from asynccb._snapshot import Buffer
 
@@ -81,6 +81,12 @@ class ProcessExecutor(ThreadExecutor):
     @classmethod
     def shutdown(cls) -> None:
         pool.shutdown()  # The warm worker processes.
+
+    @classmethod
+    def process_ending(cls) -> None:
+        # The snapshot segments kept for the next run: named files, which
+        # only the resource tracker would remove, after the process.
+        free_kept(closing=True)
 
     @staticmethod
     def serve(lane: Lane) -> None:
