@@ -496,7 +496,8 @@ class Dispatcher:
         snapshot_s = 0.0
         if with_snapshot:
             task.snapshot, snapshot_s, waited = self.snapshotter.take(
-                self.model, level, lane, self._check_waiting)
+                self.model, level, lane, self._check_waiting,
+                blueprint.key if blueprint is not None else None)
             blocked += waited
         lane.channel.put(task)
         lane.dispatched += 1

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from asynccb._shadow import Shadow
     from asynccb._tasks import Task
 
-__all__ = ["FAST", "save", "route_saves"]
+__all__ = ["FAST", "learned_phases", "save", "route_saves"]
 
 logger = logging.getLogger("asynccb")
 
@@ -192,6 +192,20 @@ def save(shadow: Shadow, task: Task) -> str:
                                task.fast, state), task.args)
     return _save(shadow, task.name, task.args, task.kwargs, task.fast,
                  state)
+
+
+def learned_phases(shadow: Shadow, task: Task) -> dict[int, int]:
+    """Where the file of the save `task` puts its snapshot's large slots
+    within a page (see `Template.phases`), once learned; else none."""
+    if task.name == BACKUP:
+        form: str | None = "weights"
+    else:
+        form, _ = _form(task.name, task.args, task.kwargs, task.fast)
+    snapshot = task.snapshot
+    if form is None or snapshot is None:
+        return {}
+    known = _templates(shadow).get((form, snapshot.layout.signature))
+    return known.phases() if isinstance(known, Template) else {}
 
 
 def route_saves(shadow: Shadow, fast: bool, paths: list[str]) -> None:

@@ -28,12 +28,12 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from asynccb._errors import CannotCopySave
-from asynccb._staged_file import DirectIORefused, StagedFile
+from asynccb._staged_file import ALIGN, DIRECT_FROM, DirectIORefused, StagedFile
 
 try:  # ISA-L's CRC-32: ~7x zlib's, which would cost more than the write.
     from isal.isal_zlib import crc32
@@ -107,6 +107,14 @@ class Template:
             offset += len(piece) + (region.nbytes if region else 0)
         self._fixed_starts = starts
 
+    def phases(self) -> dict[int, int]:
+        """Where the file puts each slot it writes from the slot's own
+        memory when that memory is at the same place in a page (slot:
+        offset within a page; see `asynccb._staged_file`)."""
+        count = collections.Counter(r.slot for r in self.regions)
+        return {r.slot: r.offset % ALIGN for r in self.regions
+                if r.nbytes >= DIRECT_FROM and count[r.slot] == 1}
+
     def fits(self, arrays: Sequence[np.ndarray]) -> bool:
         """Whether the config learned holds for a snapshot (`.keras`)."""
         return _key(arrays, self.key_slots) == self.config_key
@@ -136,11 +144,11 @@ class Template:
 
     def _write_blocks(self, out: StagedFile, arrays: Sequence[np.ndarray],
                       written: Callable[[int], None]) -> None:
-        """Writes the fixed pieces and the data in file order, in chunks
-        (see `_chunks`); a `.keras` file's weights entry is checksummed
-        chunk by chunk just before the chunk is staged, while it is in the
-        cache, and its checksum set before the central directory is written
-        (and in the entry's header, wherever that is by then)."""
+        """Writes the fixed pieces and the data in file order; a `.keras`
+        file's weights entry is checksummed in chunks of `_CHUNK` bytes,
+        each just before it is staged (while it is in the cache) or
+        written, and its checksum set before the central directory is
+        written (and in the entry's header, wherever that is by then)."""
         weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
         regions_left = collections.Counter(r.slot for r in self.regions)
         for piece, region in zip(self.fixed, self.regions):
@@ -163,16 +171,23 @@ class Template:
         once its checksum is set) and the checksum so far; returns them
         updated."""
         span, crc = weights
-        for chunk in _chunks(block, out.offset):
-            if span is not None:
-                a = max(span[0] - out.offset, 0)
-                b = min(span[1] - out.offset, len(chunk))
-                if a < b:
-                    crc = crc32(chunk[a:b], crc)
-                if out.offset + len(chunk) >= span[1]:
-                    self._set_weights_crc(out, crc)
-                    span = None
-            out.add(chunk)
+        if span is None or out.offset >= span[1]:
+            out.add(block)
+            return span, crc
+
+        def checksum(chunk: memoryview) -> None:
+            nonlocal span, crc
+            if span is None:
+                return
+            a = max(span[0] - out.offset, 0)
+            b = min(span[1] - out.offset, len(chunk))
+            if a < b:
+                crc = crc32(chunk[a:b], crc)
+            if out.offset + len(chunk) >= span[1]:
+                self._set_weights_crc(out, crc)
+                span = None
+
+        out.add(block, _CHUNK, checksum)
         return span, crc
 
     # The zip entries' fields, patched in the fixed pieces.
@@ -237,16 +252,6 @@ def _bytes(array: np.ndarray) -> np.ndarray:
 
 def _key(arrays: Sequence[np.ndarray], slots: tuple[int, ...]) -> bytes:
     return b"".join(_bytes(arrays[slot]).tobytes() for slot in slots)
-
-
-def _chunks(block: memoryview, offset: int) -> Iterator[memoryview]:
-    """`block`, written at `offset` into the file, in pieces that end at
-    multiples of `_CHUNK` into the file (so none spans two stages)."""
-    lo = 0
-    while lo < len(block):
-        hi = min(len(block), lo + _CHUNK - (offset + lo) % _CHUNK)
-        yield block[lo:hi]
-        lo = hi
 
 
 # Learning.

@@ -23,7 +23,7 @@ from asynccb._roles import (
     uses_model,
     waits_for_saves,
 )
-from asynccb._snapshot import StateLevel
+from asynccb._snapshot import StateLevel, offer_file_phases
 from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
 from asynccb._tasks import Task, TaskRunner
@@ -226,6 +226,9 @@ class Lane:
     def _finish(self, task: Task, start: float, effects: dict) -> None:
         self.worker_time.add(task.name, time.perf_counter() - start)
         save_paths = effects.pop("save_paths", ())
+        phases = effects.pop("file_phases", None)
+        if phases is not None and task.model is not None:
+            offer_file_phases(task.model.key, *phases)
         if save_paths:
             with self._save_paths_lock:
                 self.save_paths.update(save_paths)

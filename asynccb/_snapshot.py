@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asynccb._preemption import Deadline, join_until, no_deadline, wait_slice
+from asynccb._staged_file import ALIGN
 
 __all__ = [
     "StateLevel",
@@ -43,6 +44,17 @@ __all__ = [
 ]
 
 _ALIGNMENT = 64  # Bytes; keeps every variable's copy cache-line aligned.
+
+# Where a save's file puts large slots within a page, by model (its
+# blueprint's key), state level and variables' signature: learned by a
+# worker process from a file it writes, and reported back
+# (`offer_file_phases`), so the training process lays out the next
+# snapshots for it: the worker then writes those slots' pages to the file
+# from shared memory, without a copy. The first file learned for a layout
+# sets them (a second format keeps copying). Kept for the models whose
+# templates are kept (`asynccb._fast_saves`): a few ints per large slot.
+_file_phases: dict[tuple, dict[int, int]] = {}
+_file_phases_lock = threading.Lock()
 
 
 class StateLevel(enum.IntEnum):
@@ -141,6 +153,28 @@ class _Slot:
     nbytes: int
 
 
+_FILE_PHASES_KEPT = 8
+
+
+def offer_file_phases(model_key: str, level: StateLevel, signature: tuple,
+                      phases: dict[int, int]) -> None:
+    """Records where a save's file puts the slots of this model's
+    snapshots of this level and signature within a page, unless a file
+    already did."""
+    with _file_phases_lock:
+        _file_phases.setdefault((model_key, level, signature), dict(phases))
+        while len(_file_phases) > _FILE_PHASES_KEPT:
+            del _file_phases[next(iter(_file_phases))]  # The oldest.
+
+
+def file_phases(model_key: str, level: StateLevel,
+                signature: tuple) -> dict[int, int]:
+    """The phases offered for this model, level and signature (or
+    none)."""
+    with _file_phases_lock:
+        return _file_phases.get((model_key, level, signature), {})
+
+
 def variables_signature(variables: Sequence[Any]) -> tuple:
     """Shapes and dtypes of `variables`: equal for a model and its shadow."""
     return tuple(
@@ -166,6 +200,8 @@ class LayoutSpec:
     slots: tuple[_Slot, ...]
     signature: tuple
     nbytes: int
+    phases: tuple[tuple[int, int], ...] = ()
+    """Slots placed at a given offset within a page: `(slot, phase)`."""
 
     def views(self, data: np.ndarray) -> list[np.ndarray]:
         """Typed views of `data` (a uint8 buffer), one per variable."""
@@ -183,20 +219,35 @@ class StateLayout:
     Args:
         level: The `StateLevel` laid out.
         variables: The variables of that level, from `state_variables`.
+        phases: Where within a page some slots start (slot: offset in
+            the page), so that a save can write their pages from the
+            buffer (see `file_phases`); the others are packed.
+        like: A layout of the same variables, whose compiled reader this
+            one shares.
     """
 
-    def __init__(self, level: StateLevel, variables: Sequence[Any]):
+    def __init__(self, level: StateLevel, variables: Sequence[Any],
+                 phases: dict[int, int] | None = None,
+                 like: "StateLayout | None" = None):
         self.variables = list(variables)
-        self._read = _reader(self.variables) if self.variables else list
+        self._read: Callable[[], list]
+        if like is not None:
+            self._read = like._read
+        else:
+            self._read = _reader(self.variables) if self.variables else list
+        phases = phases or {}
         slots = []
         offset = 0
-        for value in self._read():
+        for index, value in enumerate(self._read()):
             array = host_array(value)
+            if index in phases:
+                offset += (phases[index] - offset) % ALIGN
             slot = _Slot(offset, array.shape, array.dtype, array.nbytes)
             slots.append(slot)
             offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
         self.spec = LayoutSpec(
-            level, tuple(slots), variables_signature(self.variables), offset
+            level, tuple(slots), variables_signature(self.variables), offset,
+            tuple(sorted(phases.items())),
         )
 
     @property

@@ -13,6 +13,7 @@ from asynccb._snapshot import (
     StateLayout,
     StateLevel,
     allocate_private,
+    file_phases,
     state_variables,
 )
 
@@ -58,6 +59,7 @@ class Snapshotter:
         level: StateLevel,
         lane: Lane,
         check: Callable[[], float | None],
+        model_key: str | None = None,
     ) -> tuple[Snapshot, float, float]:
         """A snapshot of `model` at `level` or more for `lane`: the one
         taken earlier in this dispatch if it has enough, else a new one.
@@ -65,7 +67,8 @@ class Snapshotter:
         Waits for a free buffer when all are in use (dropping, for a lane
         whose policy allows it, its oldest pending snapshot instead);
         `check` raises if a lane failed meanwhile, and returns when to stop
-        waiting (a SIGTERM's deadline) or `None`.
+        waiting (a SIGTERM's deadline) or `None`. `model_key` (its
+        blueprint's) finds where its saves' files put the state.
 
         Raises:
             TooLate: If no buffer came free before that time.
@@ -77,7 +80,7 @@ class Snapshotter:
         shared = self._shared
         if shared is not None and shared.level >= level:
             return shared.retain(), 0.0, 0.0
-        layout = self.layout(model, level)
+        layout = self.layout(model, level, model_key)
         waited = 0.0
         buffer = None
         if layout.nbytes:
@@ -100,9 +103,11 @@ class Snapshotter:
         self._shared = snapshot.retain()
         return snapshot.retain(), took, waited
 
-    def layout(self, model: Any, level: StateLevel) -> StateLayout:
+    def layout(self, model: Any, level: StateLevel,
+               model_key: str | None = None) -> StateLayout:
         """The layout of `model`'s state at `level`, retaken if its
-        variables are no longer the ones it was made for."""
+        variables are no longer the ones it was made for, or laid out again
+        once a save learned where its file puts them (`file_phases`)."""
         variables = state_variables(model, level)
         layout = self._layouts.get(level)
         if layout is None or len(layout.variables) != len(variables) or any(
@@ -110,6 +115,12 @@ class Snapshotter:
         ):
             layout = StateLayout(level, variables)
             self._layouts[level] = layout
+        if not layout.spec.phases and model_key is not None:
+            # Set once: the first file's stay.
+            phases = file_phases(model_key, level, layout.spec.signature)
+            if phases:
+                layout = StateLayout(level, variables, phases, like=layout)
+                self._layouts[level] = layout
         return layout
 
     def _acquire(

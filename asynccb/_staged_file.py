@@ -4,7 +4,10 @@ where the file system takes it.
 A fast save writes a file made of many pieces at odd offsets (the HDF5
 metadata between datasets, each variable's bytes). They are copied into a
 page-aligned staging buffer, and each full buffer goes to the file in one
-write at a multiple of its size. Opened with `O_DIRECT`, the file takes
+write. A large piece whose memory lies at its file offset's place in a
+page (a snapshot laid out for the file: see `asynccb._snapshot`) skips the
+copy: its whole pages go to the file straight from it, only its unaligned
+ends staged. Opened with `O_DIRECT`, the file takes
 the buffer straight to the disk, with no copy into the page cache, no page
 cache to fill, write back and drop: on this project's machine (ext4 on a
 virtio disk, Linux 6.18) a fast save costs 0.55-0.74 of the same save
@@ -23,16 +26,22 @@ import os
 import threading
 from typing import Callable
 
-__all__ = ["DirectIORefused", "StagedFile", "STAGE_BYTES"]
+import numpy as np
+
+__all__ = ["ALIGN", "DIRECT_FROM", "DirectIORefused", "StagedFile", "STAGE_BYTES"]
 
 STAGE_BYTES = 8 * 2**20
 """The staging buffer's size: each write but a file's last is this big."""
 
-# What direct I/O asks to be aligned (memory, file offsets, sizes): the
-# largest logical block size in common use. A page-aligned buffer written
-# at multiples of `STAGE_BYTES` is; a file's last write is padded to it,
-# and the file cut back to its size.
-_ALIGN = 4096
+ALIGN = 4096
+"""What direct I/O asks to be aligned (memory, file offsets, sizes): the
+largest logical block size in common use, a page. The staging buffer is
+page-aligned and written at multiples of it; a file's last write is
+padded to it, and the file cut back to its size."""
+
+# A piece is written straight from its memory from this size up: below it,
+# a copy into the staging buffer costs less than the write of its own.
+DIRECT_FROM = 256 * 2**10
 
 # Each saving thread stages through its own buffer, kept while the thread
 # lives: a buffer mapped anew for each save would cost a page fault per
@@ -56,7 +65,16 @@ def _stage() -> memoryview:
 
 
 def _aligned_up(offset: int) -> int:
-    return -(-offset // _ALIGN) * _ALIGN
+    return -(-offset // ALIGN) * ALIGN
+
+
+def address(piece: memoryview) -> int:
+    """Where `piece`'s bytes start in memory."""
+    return int(np.frombuffer(piece, np.uint8).ctypes.data)
+
+
+def _nothing(piece: memoryview) -> None:
+    pass
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -97,15 +115,53 @@ class StagedFile:
         self._stage = _stage()
         self._then: list[Callable[[], None]] = []
 
-    def add(self, piece: memoryview) -> None:
-        """Copies `piece` into the file's next bytes. A piece must not
-        cross a multiple of `STAGE_BYTES` into the file."""
-        at = self.offset - self.written
-        assert at + len(piece) <= len(self._stage), "a piece spans stages"
-        self._stage[at:at + len(piece)] = piece
-        self.offset += len(piece)
-        if self.offset - self.written == len(self._stage):
-            self.flush()
+    def add(self, block: memoryview, chunk: int = STAGE_BYTES,
+            before: Callable[[memoryview], None] = _nothing) -> None:
+        """Adds `block` as the file's next bytes: copied into the staging
+        buffer, or (a direct file, a block of `DIRECT_FROM` bytes or more
+        lying at the same place in a page as its offset in the file)
+        written straight from its memory, its unaligned ends staged.
+
+        `before` is called with each piece of at most `chunk` bytes just
+        before it is staged or written (a checksum reads it while it is in
+        the cache); `offset` is then where the piece starts."""
+        if (self.direct and len(block) >= DIRECT_FROM
+                and (address(block) - self.offset) % ALIGN == 0):
+            head = -self.offset % ALIGN
+            end = head + (len(block) - head) // ALIGN * ALIGN
+            self._add_staged(block[:head], chunk, before)
+            self._add_direct(block[head:end], chunk, before)
+            block = block[end:]
+        self._add_staged(block, chunk, before)
+
+    def _add_staged(self, block: memoryview, chunk: int,
+                    before: Callable[[memoryview], None]) -> None:
+        while block:
+            at = self.offset - self.written
+            piece = block[:min(chunk, len(self._stage) - at)]
+            before(piece)
+            self._stage[at:at + len(piece)] = piece
+            self.offset += len(piece)
+            block = block[len(piece):]
+            if self.offset - self.written == len(self._stage):
+                self.flush()
+
+    def _add_direct(self, block: memoryview, chunk: int,
+                    before: Callable[[memoryview], None]) -> None:
+        """Writes `block` (whole pages, at a page's start in the file and
+        in memory) from its memory, after what is staged."""
+        self.flush()  # Ends at a page: no padding.
+        for start in range(0, len(block), chunk):
+            piece = block[start:start + chunk]
+            before(piece)
+            self.offset += len(piece)
+        try:
+            _pwrite_all(self.fd, block, self.written)
+        except OSError as exc:
+            if not self.written and exc.errno in _REFUSALS:
+                raise DirectIORefused(str(exc)) from exc
+            raise
+        self.written = self.offset
 
     def then(self, done: Callable[[], None]) -> None:
         """Calls `done` once what was added so far is in the file."""
@@ -148,7 +204,7 @@ class StagedFile:
             return
         # Direct I/O reads and writes whole blocks: read them back, set
         # the bytes, write them again (a checksum's 4 bytes: one block).
-        start = offset // _ALIGN * _ALIGN
+        start = offset // ALIGN * ALIGN
         block = mmap.mmap(-1, _aligned_up(offset + len(data)) - start)
         try:
             os.preadv(self.fd, [block], start)

@@ -13,7 +13,7 @@ import numpy as np
 from asynccb._backups import BACKUP
 from asynccb._errors import ControlFromWorkerError
 from asynccb._hooks import BATCH_HOOKS, EPOCH_HOOKS, call_hook, describe_call
-from asynccb._fast_saves import route_saves, save
+from asynccb._fast_saves import learned_phases, route_saves, save
 from asynccb._shadow import ModelBlueprint, Shadow, shared_shadow
 from asynccb._snapshot import Snapshot
 
@@ -269,6 +269,13 @@ class TaskRunner:
             effects = self.effects(task, before)
         if task.kind == "save":  # Counted in the lane's stats.
             effects.setdefault("save_paths", []).append(result)
+            layout = task.snapshot.layout if task.snapshot else None
+            if layout is not None and not layout.phases and shadow:
+                # For the training process to lay out the next snapshots.
+                phases = learned_phases(shadow, task)
+                if phases:
+                    effects["file_phases"] = (layout.level, layout.signature,
+                                              phases)
         return effects
 
     def close(self) -> None:

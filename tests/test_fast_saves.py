@@ -116,6 +116,46 @@ def test_the_next_run_of_a_model_saves_fast_from_its_first_save(
     assert paths == [[{FIRST: 1, FAST: 1}] * 2, [{FAST: 2}] * 2]
 
 
+def test_a_worker_reports_where_files_put_the_state_for_the_next_snapshots(
+        tmp_path):
+    """A worker process that learned a file tells the training process
+    where it puts each large variable within a page; the next snapshots
+    are laid out so (and written from shared memory), and every file is
+    still Keras'."""
+    from asynccb._file_template import learn_keras_file, learn_weights_file
+    from asynccb._save_sources import dataset_slots
+    from asynccb._shadow import current_blueprint
+    from asynccb._snapshot import StateLayout, StateLevel, state_variables
+
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    wrapped = [AsyncCallback(c, executor="process")
+               for c in checkpoints(ours, every=2)]
+    model = make_model("functional", units=128)  # A 392 KiB kernel.
+    x, y = mnist_like(256)
+    model.fit(x, y, epochs=1, **FIT,
+              callbacks=checkpoints(keras_dir, every=2) + wrapped)
+    assert len(assert_keras_files(keras_dir, ours)) == 2 * 4
+    for callback in wrapped:
+        assert callback.stats().save_paths == {FIRST: 1, FAST: 3}
+    # Where the worker's last files put the variables (a `.keras` file of
+    # the shadow has no `shared_object_id` marks: not where Keras' has).
+    variables = state_variables(model, StateLevel.FULL)
+    arrays = [np.asarray(v) for v in variables]
+    slots = dataset_slots(model, variables)
+    last = sorted(ours.iterdir())
+    learned = [learn_keras_file(str(last[-2]), slots, arrays, ()).phases(),
+               learn_weights_file(str(last[-1]), slots, arrays).phases()]
+    for callback in wrapped:
+        layout = callback._dispatcher.snapshotter.layout(
+            model, StateLevel.FULL, current_blueprint(model).key)
+        assert dict(layout.spec.phases) in learned
+        assert len(layout.spec.phases) >= 3  # Kernel and its two moments.
+        for slot, phase in layout.spec.phases:
+            assert layout.spec.slots[slot].offset % 4096 == phase
+    assert StateLayout(StateLevel.FULL, variables).spec.phases == ()
+
+
 def test_a_run_whose_saves_are_all_fast_builds_no_shadow(
         tmp_path, monkeypatch):
     """A checkpoint's shadow model is built only for a save through
@@ -405,6 +445,62 @@ def test_a_file_written_in_stages_is_the_file_keras_wrote(
             assert int.from_bytes(f.read(4), "little") == info.CRC
 
 
+@pytest.mark.parametrize("form", [".weights.h5", ".keras"])
+def test_a_snapshot_laid_out_for_the_file_is_written_from_its_memory(
+        tmp_path, monkeypatch, form):
+    """A snapshot whose large slots lie where the file puts them within a
+    page (`Template.phases`) has their whole pages written straight from
+    its buffer, with direct I/O, and the file is still Keras'."""
+    import mmap
+
+    from asynccb import _file_template, _staged_file
+    from asynccb._file_template import learn_keras_file, learn_weights_file
+    from asynccb._snapshot import (
+        Buffer,
+        StateLayout,
+        StateLevel,
+        state_variables,
+    )
+
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open")
+    monkeypatch.setattr(_staged_file, "DIRECT_FROM", 8192)
+    monkeypatch.setattr(_file_template, "DIRECT_FROM", 8192)
+    path, slots, arrays, model = _learning_inputs(tmp_path)
+    if form == ".keras":
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+        template = learn_keras_file(path, slots, arrays, ())
+    else:
+        template = learn_weights_file(path, slots, arrays)
+    phases = template.phases()
+    assert len(phases) >= 3, phases  # Two kernels' and their moments.
+    variables = state_variables(model, StateLevel.FULL)
+    layout = StateLayout(StateLevel.FULL, variables, phases)
+    memory = mmap.mmap(-1, layout.nbytes)  # Page-aligned, as shared memory.
+    buffer = Buffer(np.frombuffer(memory, np.uint8))
+    layout.capture(buffer)
+    direct = []
+    add_direct = _staged_file.StagedFile._add_direct
+
+    def recorded(self, block, chunk, before):
+        direct.append(_staged_file.address(block) % _staged_file.ALIGN)
+        add_direct(self, block, chunk, before)
+
+    monkeypatch.setattr(_staged_file.StagedFile, "_add_direct", recorded)
+    rewritten = tmp_path / ("rewritten" + form)
+    template.write(str(rewritten), buffer.views(layout.spec))
+    assert len(direct) == len(phases) and set(direct) == {0}
+    if form == ".keras":
+        assert keras_entries(rewritten) == keras_entries(path)
+        with zipfile.ZipFile(rewritten) as archive:
+            assert archive.testzip() is None  # The checksum, over all.
+    else:
+        assert rewritten.read_bytes() == Path(path).read_bytes()
+    buffer.free()  # Its views first: a mapping closes with none left.
+    memory.close()
+
+
 def test_saves_take_direct_io_where_the_file_system_does(tmp_path):
     """A file system that takes `O_DIRECT` gets the staged writes
     direct; one that refuses it at `open` gets them through the page
@@ -431,7 +527,7 @@ def test_direct_io_refused_at_the_first_write(tmp_path, monkeypatch):
 
     if not _takes_direct_io(tmp_path):
         pytest.skip("this file system refuses O_DIRECT at open")
-    monkeypatch.setattr(_staged_file, "_ALIGN", 1)  # Unaligned writes.
+    monkeypatch.setattr(_staged_file, "ALIGN", 1)  # Unaligned writes.
     path, slots, arrays, _ = _learning_inputs(tmp_path)
     template = learn_weights_file(path, slots, arrays)
     refused = []
