@@ -85,6 +85,7 @@ class Dispatcher:
             lane.name = f"{base}#{number}"
             number += 1
         lane.on_failure = self.wake
+        lane.on_file_phases = self.snapshotter.offer_phases
         lane.here = self.chief or lane.on_every_worker
         with self._lifecycle:
             self.lanes.append(lane)
@@ -496,8 +497,7 @@ class Dispatcher:
         snapshot_s = 0.0
         if with_snapshot:
             task.snapshot, snapshot_s, waited = self.snapshotter.take(
-                self.model, level, lane, self._check_waiting,
-                blueprint.key if blueprint is not None else None)
+                self.model, level, lane, self._check_waiting)
             blocked += waited
         lane.channel.put(task)
         lane.dispatched += 1

@@ -23,7 +23,7 @@ from asynccb._roles import (
     uses_model,
     waits_for_saves,
 )
-from asynccb._snapshot import StateLevel, offer_file_phases
+from asynccb._snapshot import StateLevel
 from asynccb._summaries import in_graph_summaries
 from asynccb._stats import CallbackStats, SampleMap, Samples
 from asynccb._tasks import Task, TaskRunner
@@ -105,6 +105,8 @@ class Lane:
         self.offloaded_model: Any = None
         self.attached = False
         self.on_failure: Callable[[], None] = lambda: None
+        # Where a save's file puts the state (see `Snapshotter.offer_phases`).
+        self.on_file_phases: Callable[..., None] = lambda *phases: None
         self.effects: collections.deque = collections.deque()
         self.error: BaseException | None = None
         self.failed_task = ""
@@ -227,8 +229,8 @@ class Lane:
         self.worker_time.add(task.name, time.perf_counter() - start)
         save_paths = effects.pop("save_paths", ())
         phases = effects.pop("file_phases", None)
-        if phases is not None and task.model is not None:
-            offer_file_phases(task.model.key, *phases)
+        if phases is not None:
+            self.on_file_phases(*phases)
         if save_paths:
             with self._save_paths_lock:
                 self.save_paths.update(save_paths)

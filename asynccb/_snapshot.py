@@ -45,17 +45,6 @@ __all__ = [
 
 _ALIGNMENT = 64  # Bytes; keeps every variable's copy cache-line aligned.
 
-# Where a save's file puts large slots within a page, by model (its
-# blueprint's key), state level and variables' signature: learned by a
-# worker process from a file it writes, and reported back
-# (`offer_file_phases`), so the training process lays out the next
-# snapshots for it: the worker then writes those slots' pages to the file
-# from shared memory, without a copy. The first file learned for a layout
-# sets them (a second format keeps copying). Kept for the models whose
-# templates are kept (`asynccb._fast_saves`): a few ints per large slot.
-_file_phases: dict[tuple, dict[int, int]] = {}
-_file_phases_lock = threading.Lock()
-
 
 class StateLevel(enum.IntEnum):
     """How much of the model's state a hook needs to see.
@@ -151,28 +140,6 @@ class _Slot:
     shape: tuple[int, ...]
     dtype: np.dtype
     nbytes: int
-
-
-_FILE_PHASES_KEPT = 8
-
-
-def offer_file_phases(model_key: str, level: StateLevel, signature: tuple,
-                      phases: dict[int, int]) -> None:
-    """Records where a save's file puts the slots of this model's
-    snapshots of this level and signature within a page, unless a file
-    already did."""
-    with _file_phases_lock:
-        _file_phases.setdefault((model_key, level, signature), dict(phases))
-        while len(_file_phases) > _FILE_PHASES_KEPT:
-            del _file_phases[next(iter(_file_phases))]  # The oldest.
-
-
-def file_phases(model_key: str, level: StateLevel,
-                signature: tuple) -> dict[int, int]:
-    """The phases offered for this model, level and signature (or
-    none)."""
-    with _file_phases_lock:
-        return _file_phases.get((model_key, level, signature), {})
 
 
 def variables_signature(variables: Sequence[Any]) -> tuple:

@@ -13,7 +13,6 @@ from asynccb._snapshot import (
     StateLayout,
     StateLevel,
     allocate_private,
-    file_phases,
     state_variables,
 )
 
@@ -48,10 +47,25 @@ class Snapshotter:
         self.snapshot_bytes = 0
         self._layouts: dict[StateLevel, StateLayout] = {}
         self._shared: Snapshot | None = None
+        # Where a save's file puts large slots within a page, by level and
+        # signature (see `offer_phases`).
+        self._phases: dict[tuple, dict[int, int]] = {}
 
     def forget_layouts(self) -> None:
         """Drops the layouts: the snapshots are of another model now."""
         self._layouts.clear()
+        self._phases.clear()
+
+    def offer_phases(self, level: StateLevel, signature: tuple,
+                     phases: dict[int, int]) -> None:
+        """Records where a save's file puts the large slots of snapshots
+        of `level` and `signature` within a page (slot: offset in the
+        page), learned by the process that wrote it: the next snapshots
+        are laid out so, and a worker process writes those slots' pages
+        from shared memory, without a copy. The first file's stay (of two
+        formats saved from one snapshot, the second keeps copying).
+        Called from lanes' threads: one dict operation, atomic."""
+        self._phases.setdefault((level, signature), dict(phases))
 
     def take(
         self,
@@ -59,7 +73,6 @@ class Snapshotter:
         level: StateLevel,
         lane: Lane,
         check: Callable[[], float | None],
-        model_key: str | None = None,
     ) -> tuple[Snapshot, float, float]:
         """A snapshot of `model` at `level` or more for `lane`: the one
         taken earlier in this dispatch if it has enough, else a new one.
@@ -67,8 +80,7 @@ class Snapshotter:
         Waits for a free buffer when all are in use (dropping, for a lane
         whose policy allows it, its oldest pending snapshot instead);
         `check` raises if a lane failed meanwhile, and returns when to stop
-        waiting (a SIGTERM's deadline) or `None`. `model_key` (its
-        blueprint's) finds where its saves' files put the state.
+        waiting (a SIGTERM's deadline) or `None`.
 
         Raises:
             TooLate: If no buffer came free before that time.
@@ -80,7 +92,7 @@ class Snapshotter:
         shared = self._shared
         if shared is not None and shared.level >= level:
             return shared.retain(), 0.0, 0.0
-        layout = self.layout(model, level, model_key)
+        layout = self.layout(model, level)
         waited = 0.0
         buffer = None
         if layout.nbytes:
@@ -103,11 +115,10 @@ class Snapshotter:
         self._shared = snapshot.retain()
         return snapshot.retain(), took, waited
 
-    def layout(self, model: Any, level: StateLevel,
-               model_key: str | None = None) -> StateLayout:
+    def layout(self, model: Any, level: StateLevel) -> StateLayout:
         """The layout of `model`'s state at `level`, retaken if its
         variables are no longer the ones it was made for, or laid out again
-        once a save learned where its file puts them (`file_phases`)."""
+        once a save learned where its file puts them (`offer_phases`)."""
         variables = state_variables(model, level)
         layout = self._layouts.get(level)
         if layout is None or len(layout.variables) != len(variables) or any(
@@ -115,9 +126,8 @@ class Snapshotter:
         ):
             layout = StateLayout(level, variables)
             self._layouts[level] = layout
-        if not layout.spec.phases and model_key is not None:
-            # Set once: the first file's stay.
-            phases = file_phases(model_key, level, layout.spec.signature)
+        if not layout.spec.phases:
+            phases = self._phases.get((level, layout.spec.signature))
             if phases:
                 layout = StateLayout(level, variables, phases, like=layout)
                 self._layouts[level] = layout
