@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asynccb._preemption import Deadline, join_until, no_deadline, wait_slice
-from asynccb._staged_file import ALIGN
+from asynccb._staged_file import ALIGN, DIRECT_FROM
 
 __all__ = [
     "StateLevel",
@@ -142,6 +142,10 @@ class _Slot:
     nbytes: int
 
 
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGNMENT) * _ALIGNMENT
+
+
 def variables_signature(variables: Sequence[Any]) -> tuple:
     """Shapes and dtypes of `variables`: equal for a model and its shadow."""
     return tuple(
@@ -204,17 +208,22 @@ class StateLayout:
             self._read = _reader(self.variables) if self.variables else list
         phases = phases or {}
         slots = []
-        offset = 0
+        offset = packed = 0
         for index, value in enumerate(self._read()):
             array = host_array(value)
             if index in phases:
                 offset += (phases[index] - offset) % ALIGN
             slot = _Slot(offset, array.shape, array.dtype, array.nbytes)
             slots.append(slot)
-            offset += -(-slot.nbytes // _ALIGNMENT) * _ALIGNMENT
+            offset = _aligned(offset + slot.nbytes)
+            packed = _aligned(packed + slot.nbytes)
+            if slot.nbytes >= DIRECT_FROM or index in phases:
+                packed += ALIGN  # Room to place it, as a file may ask.
+        # Every layout of these variables needs the same buffer size: one
+        # laid out for a file (`phases`) takes the buffer of the first.
         self.spec = LayoutSpec(
-            level, tuple(slots), variables_signature(self.variables), offset,
-            tuple(sorted(phases.items())),
+            level, tuple(slots), variables_signature(self.variables),
+            max(offset, packed), tuple(sorted(phases.items())),
         )
 
     @property

@@ -206,7 +206,7 @@ class SnapshotRef:
     """
 
     name: str | None  # None for an empty layout (no buffer).
-    layout: Any  # LayoutSpec
+    layout: Any  # LayoutSpec; None for the lane's last one (sent once).
     stop_training: bool
     serial: int  # `Snapshot.serial`.
     data: Any = None

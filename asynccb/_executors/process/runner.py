@@ -118,6 +118,7 @@ class ProcessRunner:
         self._worker: pool.WorkerProcess | None = None  # While attached.
         self._lane: tuple[pool.WorkerProcess, int] | None = None
         self._blueprint: Any = None  # The last one the lane was sent.
+        self._layout: Any = None  # The last snapshot layout it was sent.
         self._finalizer: Any = None
 
     def prepare_callback(self) -> None:
@@ -140,6 +141,7 @@ class ProcessRunner:
             number = worker.open_lane(self.deferred_control, self.capacity)
             self._lane = (worker, number)
             self._blueprint = None  # A new lane has no shadow yet.
+            self._layout = None
             self._finalizer = weakref.finalize(self, worker.close_lane,
                                                number)
             # Not at interpreter exit: a run still open then is finished
@@ -188,9 +190,13 @@ class ProcessRunner:
         ref = None
         if snapshot is not None:
             assert isinstance(snapshot, Snapshot), snapshot  # Ours, not a ref.
+            # A layout travels once: slots and signature, per variable.
+            layout = snapshot.layout
+            sent = None if layout is self._layout else layout
+            self._layout = layout
             ref = SnapshotRef(
                 snapshot.buffer.name if snapshot.buffer is not None else None,
-                snapshot.layout, snapshot.stop_training, snapshot.serial)
+                sent, snapshot.stop_training, snapshot.serial)
         # Every other field as it is (a save's `fast` switch included).
         remote = dataclasses.replace(task, snapshot=ref, model=model)
         payload = None

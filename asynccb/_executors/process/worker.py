@@ -107,6 +107,7 @@ class _Lane:
         buffers.grow(open_.capacity)
         self.blueprint_data: bytes | None = None
         self.blueprint: Any = None  # Loaded when first needed.
+        self.layout: Any = None  # The last snapshot layout sent.
         self._reply = reply
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -164,6 +165,9 @@ class _Lane:
                 task.model = self.blueprint
             snapshot = task.snapshot
             if snapshot is not None:
+                if snapshot.layout is None:  # The last task's, not resent.
+                    snapshot.layout = self.layout
+                self.layout = snapshot.layout
                 snapshot.data = (
                     np.empty(0, np.uint8) if snapshot.name is None
                     else self.buffers.array(snapshot.name,
