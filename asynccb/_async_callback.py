@@ -258,7 +258,6 @@ class AsyncCallback(keras.callbacks.Callback):
         self._dispatcher.close()
         self._closer.detach()  # Its own dispatcher is done with.
         self._lane.on_failure = lambda: None
-        self._lane.on_file_phases = lambda *phases: None
         dispatcher.add_lane(self._lane)
         self._dispatcher = dispatcher
         self._owns_dispatcher = False

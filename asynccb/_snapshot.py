@@ -192,7 +192,8 @@ class StateLayout:
         variables: The variables of that level, from `state_variables`.
         phases: Where within a page some slots start (slot: offset in
             the page), so that a save can write their pages from the
-            buffer (see `file_phases`); the others are packed.
+            buffer (see `Snapshotter.offer_phases`); the others are
+            packed.
         like: A layout of the same variables, whose compiled reader this
             one shares.
     """

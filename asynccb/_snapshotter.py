@@ -47,9 +47,11 @@ class Snapshotter:
         self.snapshot_bytes = 0
         self._layouts: dict[StateLevel, StateLayout] = {}
         self._shared: Snapshot | None = None
-        # Where a save's file puts large slots within a page, by level and
-        # signature (see `offer_phases`).
-        self._phases: dict[tuple, dict[int, int]] = {}
+        # Where a save's file puts large slots within a page, by level: the
+        # variables' signature it was learned for, and the phases (see
+        # `offer_phases`). By level alone, so a snapshot looks it up
+        # without hashing the signature.
+        self._phases: dict[StateLevel, tuple[tuple, dict[int, int]]] = {}
 
     def forget_layouts(self) -> None:
         """Drops the layouts: the snapshots are of another model now."""
@@ -64,8 +66,10 @@ class Snapshotter:
         are laid out so, and a worker process writes those slots' pages
         from shared memory, without a copy. The first file's stay (of two
         formats saved from one snapshot, the second keeps copying).
-        Called from lanes' threads: one dict operation, atomic."""
-        self._phases.setdefault((level, signature), dict(phases))
+        Called from lanes' threads: one dict operation each, atomic."""
+        known = self._phases.get(level)
+        if known is None or known[0] != signature:
+            self._phases[level] = (signature, dict(phases))
 
     def take(
         self,
@@ -126,11 +130,11 @@ class Snapshotter:
         ):
             layout = StateLayout(level, variables)
             self._layouts[level] = layout
-        if not layout.spec.phases:
-            phases = self._phases.get((level, layout.spec.signature))
-            if phases:
-                layout = StateLayout(level, variables, phases, like=layout)
-                self._layouts[level] = layout
+        known = self._phases.get(level)
+        if (known is not None and not layout.spec.phases
+                and known[0] == layout.spec.signature):
+            layout = StateLayout(level, variables, known[1], like=layout)
+            self._layouts[level] = layout
         return layout
 
     def _acquire(

@@ -269,9 +269,13 @@ class TaskRunner:
             effects = self.effects(task, before)
         if task.kind == "save":  # Counted in the lane's stats.
             effects.setdefault("save_paths", []).append(result)
-            layout = task.snapshot.layout if task.snapshot else None
-            if layout is not None and not layout.phases and shadow:
-                # For the training process to lay out the next snapshots.
+            snapshot = task.snapshot
+            if (snapshot is not None and not isinstance(snapshot, Snapshot)
+                    and not snapshot.layout.phases and shadow):
+                # In a worker process, for the training process to lay out
+                # the next snapshots in shared memory (held tensors and
+                # private copies are not written from their pages).
+                layout = snapshot.layout
                 phases = learned_phases(shadow, task)
                 if phases:
                     effects["file_phases"] = (layout.level, layout.signature,
