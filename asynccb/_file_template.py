@@ -146,13 +146,14 @@ class Template:
                       written: Callable[[int], None]) -> None:
         """Writes the fixed pieces and the data in file order; a `.keras`
         file's weights entry is checksummed in chunks of `_CHUNK` bytes,
-        each just before it is staged (while it is in the cache) or
-        written, and its checksum set before the central directory is
-        written (and in the entry's header, wherever that is by then)."""
+        each just before it is staged (while it is in the cache), or whole
+        where it is written from its memory, and its checksum set before
+        the central directory is added (and in the entry's header, staged
+        or written by then)."""
         weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
         regions_left = collections.Counter(r.slot for r in self.regions)
         for piece, region in zip(self.fixed, self.regions):
-            weights = self._add(out, memoryview(piece), weights)
+            weights = self._add(out, memoryview(piece), weights, stage=True)
             # Viewed as it is written, under no name here: once its last
             # batch is written, this writer references it no more.
             weights = self._add(out, _bytes(arrays[region.slot]).data,
@@ -160,19 +161,19 @@ class Template:
             regions_left[region.slot] -= 1
             if not regions_left[region.slot]:
                 out.then(functools.partial(written, region.slot))
-        self._add(out, memoryview(self.fixed[-1]), weights)
+        self._add(out, memoryview(self.fixed[-1]), weights, stage=True)
         out.flush()
 
     def _add(self, out: StagedFile, block: memoryview,
-             weights: tuple[tuple[int, int] | None, int]
-             ) -> tuple[tuple[int, int] | None, int]:
-        """Adds `block` to `out`, checksumming what of it lies in the
-        weights entry: `weights` is that entry's span of the file (`None`
-        once its checksum is set) and the checksum so far; returns them
-        updated."""
+             weights: tuple[tuple[int, int] | None, int],
+             stage: bool = False) -> tuple[tuple[int, int] | None, int]:
+        """Adds `block` to `out` (staged: a fixed piece, which the next
+        save patches), checksumming what of it lies in the weights entry:
+        `weights` is that entry's span of the file (`None` once its
+        checksum is set) and the checksum so far; returns them updated."""
         span, crc = weights
         if span is None or out.offset >= span[1]:
-            out.add(block)
+            out.add(block, stage=stage)
             return span, crc
 
         def checksum(chunk: memoryview) -> None:
@@ -187,7 +188,7 @@ class Template:
                 self._set_weights_crc(out, crc)
                 span = None
 
-        out.add(block, _CHUNK, checksum)
+        out.add(block, _CHUNK, checksum, stage)
         return span, crc
 
     # The zip entries' fields, patched in the fixed pieces.

@@ -477,7 +477,9 @@ def test_a_snapshot_laid_out_for_the_file_is_written_from_its_memory(
         tmp_path, monkeypatch, form):
     """A snapshot whose large slots lie where the file puts them within a
     page (`Template.phases`) has their whole pages written straight from
-    its buffer, with direct I/O, and the file is still Keras'."""
+    its buffer, with direct I/O, the whole file in one write (a `.keras`
+    file's checksum set in its header before it), and the file is still
+    Keras'."""
     import mmap
 
     from asynccb import _file_template, _staged_file
@@ -510,14 +512,23 @@ def test_a_snapshot_laid_out_for_the_file_is_written_from_its_memory(
     direct = []
     add_direct = _staged_file.StagedFile._add_direct
 
-    def recorded(self, block, chunk, before):
+    def recorded(self, block, before):
         direct.append(_staged_file.address(block) % _staged_file.ALIGN)
-        add_direct(self, block, chunk, before)
+        add_direct(self, block, before)
+
+    writes = []
+    pwritev_all = _staged_file._pwritev_all
+
+    def counted(fd, pieces, offset):
+        writes.append((len(pieces), offset))
+        pwritev_all(fd, pieces, offset)
 
     monkeypatch.setattr(_staged_file.StagedFile, "_add_direct", recorded)
+    monkeypatch.setattr(_staged_file, "_pwritev_all", counted)
     rewritten = tmp_path / ("rewritten" + form)
     template.write(str(rewritten), buffer.views(layout.spec))
     assert len(direct) == len(phases) and set(direct) == {0}
+    assert len(writes) == 1 and writes[0][1] == 0, writes
     if form == ".keras":
         assert keras_entries(rewritten) == keras_entries(path)
         with zipfile.ZipFile(rewritten) as archive:
