@@ -151,6 +151,8 @@ class Template:
         the central directory is added (and in the entry's header, staged
         or written by then)."""
         weights: tuple[tuple[int, int] | None, int] = (self.weights_span, 0)
+        if self.weights_stamp is not None:  # Its checksum, set last.
+            out.keep(self.weights_stamp.local + 14)
         regions_left = collections.Counter(r.slot for r in self.regions)
         for piece, region in zip(self.fixed, self.regions):
             weights = self._add(out, memoryview(piece), weights, stage=True)

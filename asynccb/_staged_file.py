@@ -69,6 +69,14 @@ def _stage() -> memoryview:
     return memoryview(buffer)
 
 
+def _page() -> memoryview:
+    """The thread's page-aligned page, for a kept page (see `keep`)."""
+    page = getattr(_local, "page", None)
+    if page is None or len(page) != ALIGN:
+        page = _local.page = mmap.mmap(-1, ALIGN)
+    return memoryview(page)
+
+
 def _aligned_up(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
@@ -142,6 +150,8 @@ class StagedFile:
         # (views of the staging buffer) and blocks from their own memory.
         self._gathered: list[memoryview] = []
         self._then: list[Callable[[], None]] = []
+        self._keep: int | None = None  # The start of the page to keep.
+        self._kept: memoryview | None = None  # Its bytes, once written.
 
     def add(self, block: memoryview, chunk: int = STAGE_BYTES,
             before: Callable[[memoryview], None] = _nothing,
@@ -198,6 +208,8 @@ class StagedFile:
         """Writes what was gathered and staged (and any padding staged
         past `offset`)."""
         self._gather_run()
+        if self._keep is not None and self.direct:
+            self._copy_kept()
         try:
             _pwritev_all(self.fd, self._gathered, self.written)
         except OSError as exc:
@@ -209,6 +221,24 @@ class StagedFile:
         done, self._then = self._then, []
         for call in done:
             call()
+
+    def keep(self, offset: int) -> None:
+        """Keeps a copy of the page holding `offset` when it is written
+        (one page per file): a `patch` within it then writes the page from
+        the copy, where direct I/O would read it back from the disk."""
+        self._keep, self._kept = offset // ALIGN * ALIGN, None
+
+    def _copy_kept(self) -> None:
+        at = self.written
+        for piece in self._gathered:
+            start = max(self._keep, at)
+            stop = min(self._keep + ALIGN, at + len(piece))
+            if start < stop:
+                if self._kept is None:
+                    self._kept = _page()
+                self._kept[start - self._keep:stop - self._keep] = \
+                    piece[start - at:stop - at]
+            at += len(piece)
 
     def then(self, done: Callable[[], None]) -> None:
         """Calls `done` once what was added so far is in the file."""
@@ -246,9 +276,17 @@ class StagedFile:
         if not self.direct:
             _pwrite_all(self.fd, memoryview(data), offset)
             return
+        start = offset // ALIGN * ALIGN
+        kept = self._kept
+        if (kept is not None and start == self._keep
+                and offset + len(data) <= start + ALIGN):
+            kept[offset - start:offset - start + len(data)] = data
+            _pwrite_all(self.fd, kept, start)
+            if start + ALIGN > self.written:  # Past the file's end.
+                os.ftruncate(self.fd, self.written)
+            return
         # Direct I/O reads and writes whole blocks: read them back, set
         # the bytes, write them again (a checksum's 4 bytes: one block).
-        start = offset // ALIGN * ALIGN
         block = mmap.mmap(-1, _aligned_up(offset + len(data)) - start)
         try:
             os.preadv(self.fd, [block], start)
