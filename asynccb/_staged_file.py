@@ -209,7 +209,7 @@ class StagedFile:
         past `offset`)."""
         self._gather_run()
         if self._keep is not None and self.direct:
-            self._copy_kept()
+            self._copy_kept(self._keep)
         try:
             _pwritev_all(self.fd, self._gathered, self.written)
         except OSError as exc:
@@ -228,16 +228,15 @@ class StagedFile:
         the copy, where direct I/O would read it back from the disk."""
         self._keep, self._kept = offset // ALIGN * ALIGN, None
 
-    def _copy_kept(self) -> None:
+    def _copy_kept(self, page: int) -> None:
         at = self.written
         for piece in self._gathered:
-            start = max(self._keep, at)
-            stop = min(self._keep + ALIGN, at + len(piece))
+            start, stop = max(page, at), min(page + ALIGN, at + len(piece))
             if start < stop:
                 if self._kept is None:
                     self._kept = _page()
-                self._kept[start - self._keep:stop - self._keep] = \
-                    piece[start - at:stop - at]
+                self._kept[start - page:stop - page] = piece[start - at:
+                                                             stop - at]
             at += len(piece)
 
     def then(self, done: Callable[[], None]) -> None:
