@@ -94,6 +94,7 @@ class Template:
     metadata_span: tuple[int, int] | None = None
     metadata_stamp: _Stamp | None = None
     date_at: int = 0  # Offset of `date_saved`'s value in the metadata.
+    direct: bool | None = None  # Whether the last write took direct I/O.
     _fixed_starts: list[int] = field(default_factory=list)
     # A write patches the fixed pieces (time, checksums): one at a time,
     # when two lanes save the same model's files.
@@ -110,7 +111,10 @@ class Template:
     def phases(self) -> dict[int, int]:
         """Where the file puts each slot it writes from the slot's own
         memory when that memory is at the same place in a page (slot:
-        offset within a page; see `asynccb._staged_file`)."""
+        offset within a page; see `asynccb._staged_file`): none where
+        saves go through the page cache, which copies all."""
+        if not _DIRECT_IO or self.direct is False:
+            return {}
         count = collections.Counter(r.slot for r in self.regions)
         return {r.slot: r.offset % ALIGN for r in self.regions
                 if r.nbytes >= DIRECT_FROM and count[r.slot] == 1}
@@ -139,6 +143,7 @@ class Template:
                     out.close()
                     out = StagedFile(path, direct=False)
                     self._write_blocks(out, arrays, written)
+                self.direct = out.direct
             finally:
                 out.close()
 

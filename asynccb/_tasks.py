@@ -270,11 +270,10 @@ class TaskRunner:
         if task.kind == "save":  # Counted in the lane's stats.
             effects.setdefault("save_paths", []).append(result)
             snapshot = task.snapshot
-            if (snapshot is not None and not isinstance(snapshot, Snapshot)
-                    and not snapshot.layout.phases and shadow):
-                # In a worker process, for the training process to lay out
-                # the next snapshots in shared memory (held tensors and
-                # private copies are not written from their pages).
+            if (snapshot is not None and not snapshot.layout.phases
+                    and shadow):
+                # For the training process to lay out the next snapshots
+                # where the file puts the state.
                 layout = snapshot.layout
                 phases = learned_phases(shadow, task)
                 if phases:
