@@ -194,17 +194,18 @@ def save(shadow: Shadow, task: Task) -> str:
                  state)
 
 
-def learned_phases(shadow: Shadow, task: Task) -> dict[int, int]:
-    """Where the file of the save `task` puts its snapshot's large slots
-    within a page (see `Template.phases`), once learned; else none."""
+def learned_phases(shadow: Shadow, task: Task,
+                   signature: tuple) -> dict[int, int]:
+    """Where the file of the save `task` puts the large slots of its
+    snapshot, of `signature`, within a page (see `Template.phases`), once
+    learned; else none."""
     if task.name == BACKUP:
         form: str | None = "weights"
     else:
         form, _ = _form(task.name, task.args, task.kwargs, task.fast)
-    snapshot = task.snapshot
-    if form is None or snapshot is None:
+    if form is None:
         return {}
-    known = _templates(shadow).get((form, snapshot.layout.signature))
+    known = _templates(shadow).get((form, signature))
     return known.phases() if isinstance(known, Template) else {}
 
 

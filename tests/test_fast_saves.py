@@ -226,6 +226,17 @@ def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
     assert all(b - a > 0 for a, b in zip(*copied)), copied
     # Two files per save, three large variables each (kernel, moments).
     assert len(direct) >= 2 * 4 * 3 and set(direct) == {0}, direct
+    # New callbacks for the same model: every save is fast from the first
+    # (which lets go of its snapshot as it writes), and reports all the
+    # same.
+    fresh = [AsyncCallback(c, executor="thread")
+             for c in checkpoints(ours, every=2)]
+    model.fit(x, y, epochs=1, **FIT, callbacks=fresh)
+    for callback in fresh:
+        snapshotter = callback._dispatcher.snapshotter
+        assert callback.stats().save_paths == {FAST: 4}
+        assert snapshotter.allocate_here() is allocate_private
+        assert snapshotter.layout(model, StateLevel.FULL).spec.phases
 
 
 def test_a_run_whose_saves_are_all_fast_builds_no_shadow(
