@@ -5,15 +5,11 @@ from the model's variables, without copying them: TensorFlow never changes
 a buffer that something still references (an update writes the variable a
 new buffer), so what is held stays the state at dispatch. Taking one costs
 the training thread a read; a buffer is copied only if training updates the
-variable while the snapshot is held, by TensorFlow, once, into new memory.
+variable while the snapshot is held, by TensorFlow, once.
 
 For worker processes, a snapshot is a copy of the variables into a buffer
 they can map, taken from a pool of reused, pre-allocated buffers: taking
 one costs the training thread a memory copy; nothing is allocated per step.
-So are the snapshots of a run whose checkpoints are written from their
-pages (see `asynccb._snapshotter`): a copy laid out for the file, then
-written with no other, costs less than a held tensor that training copies
-and a save stages.
 
 Either way the pool bounds how many snapshots are alive at once (the
 memory they may hold), and snapshots are reference counted, so callbacks
@@ -296,12 +292,8 @@ def allocate_held(nbytes: int) -> Buffer:
 
 
 def allocate_private(nbytes: int) -> Buffer:
-    """A process-private buffer, touched once so its pages are mapped;
-    page-aligned, as shared memory is, so that a slot laid out for a file
-    lies at its file offset's place in a page (see `StateLayout`)."""
-    memory = np.empty(max(nbytes, 1) + ALIGN, np.uint8)
-    start = -int(memory.ctypes.data) % ALIGN
-    data = memory[start:start + max(nbytes, 1)]
+    """A process-private buffer, touched once so its pages are mapped."""
+    data = np.empty(max(nbytes, 1), np.uint8)
     data.fill(0)  # Page in now, not during the first snapshot.
     return Buffer(data)
 
