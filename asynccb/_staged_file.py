@@ -245,15 +245,14 @@ class StagedFile:
 
     def flush(self) -> None:
         """Writes what was added."""
-        if self.direct:  # Padding (cut off below): zeros, not old bytes.
-            pad = -self.offset % ALIGN
-            self._stage[self._staged:self._staged + pad] = bytes(pad)
-            self._staged += pad
-            self._write()
-            if pad:
-                os.ftruncate(self.fd, self.offset)
-        else:
-            self._write()
+        # A direct file's last write is padded to a page (cut off below),
+        # with zeros, not an earlier file's bytes.
+        pad = -self.offset % ALIGN if self.direct else 0
+        self._stage[self._staged:self._staged + pad] = bytes(pad)
+        self._staged += pad
+        self._write()
+        if pad:
+            os.ftruncate(self.fd, self.offset)
 
     def patch(self, offset: int, data: bytes) -> None:
         """Sets `data` at `offset`, in the file or in the staging buffer
