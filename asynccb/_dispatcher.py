@@ -27,7 +27,7 @@ from asynccb._lane import Lane
 from asynccb._run_watch import RunWatch, keras_run_frame
 from asynccb._saving import remove_in_progress
 from asynccb._shadow import ModelBlueprint, current_blueprint
-from asynccb._snapshot import StateLevel, allocate_held
+from asynccb._snapshot import StateLevel
 from asynccb._snapshotter import Snapshotter
 from asynccb._stats import CallbackStats
 from asynccb._tasks import Task
@@ -163,8 +163,8 @@ class Dispatcher:
             if self._handle_sigterm:
                 _preemption.run_started(self)
             # Snapshots hold tensors, unless a lane's workers are in
-            # another process (see `_start_lane`).
-            self.pool.use(allocate_held)
+            # another process (see `_start_lane`) or saves write from them.
+            self.pool.use(self.snapshotter.allocate_here())
             for lane in self.lanes:
                 if lane.here:
                     self._start_lane(lane)

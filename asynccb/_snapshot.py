@@ -5,11 +5,15 @@ from the model's variables, without copying them: TensorFlow never changes
 a buffer that something still references (an update writes the variable a
 new buffer), so what is held stays the state at dispatch. Taking one costs
 the training thread a read; a buffer is copied only if training updates the
-variable while the snapshot is held, by TensorFlow, once.
+variable while the snapshot is held, by TensorFlow, once, into new memory.
 
 For worker processes, a snapshot is a copy of the variables into a buffer
 they can map, taken from a pool of reused, pre-allocated buffers: taking
 one costs the training thread a memory copy; nothing is allocated per step.
+So are the snapshots of a run whose checkpoints are written from their
+pages (see `asynccb._snapshotter`): a copy laid out for the file, then
+written with no other, costs less than a held tensor that training copies
+and a save stages.
 
 Either way the pool bounds how many snapshots are alive at once (the
 memory they may hold), and snapshots are reference counted, so callbacks
@@ -26,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from asynccb._kept_memory import KeptMemory
 from asynccb._preemption import Deadline, join_until, no_deadline, wait_slice
 from asynccb._staged_file import ALIGN, DIRECT_FROM
 
@@ -38,6 +43,7 @@ __all__ = [
     "Snapshot",
     "allocate_held",
     "allocate_private",
+    "kept_private",
     "host_array",
     "state_variables",
     "variables_signature",
@@ -291,11 +297,27 @@ def allocate_held(nbytes: int) -> Buffer:
     return Buffer(np.empty(0, np.uint8), held=True)
 
 
+kept_private: KeptMemory[np.ndarray] = KeptMemory(
+    size=lambda memory: memory.nbytes - ALIGN,
+    drop=lambda memory: None,  # Its last reference gone, NumPy frees it.
+    limit=4,  # Twice the buffers of a run with the default options.
+    idle_name="asynccb-kept-memory")
+"""The private snapshot memory of ended runs (see `asynccb._kept_memory`)."""
+
+
 def allocate_private(nbytes: int) -> Buffer:
-    """A process-private buffer, touched once so its pages are mapped."""
-    data = np.empty(max(nbytes, 1), np.uint8)
-    data.fill(0)  # Page in now, not during the first snapshot.
-    return Buffer(data)
+    """A process-private buffer of at least `nbytes`, paged in:
+    page-aligned, as shared memory is, so that a slot laid out for a file
+    lies at its file offset's place in a page (see `StateLayout`). The
+    memory of an ended run's buffer if one is large enough, else new;
+    freeing the buffer keeps its memory for the next run."""
+    memory = kept_private.take(nbytes)
+    if memory is None:
+        memory = np.empty(max(nbytes, 1) + ALIGN, np.uint8)
+        memory.fill(0)  # Page in now, not during the first snapshot.
+    start = -int(memory.ctypes.data) % ALIGN
+    data = memory[start:start + memory.nbytes - ALIGN]
+    return Buffer(data, release=lambda: kept_private.keep(memory))
 
 
 class BufferPool:

@@ -12,6 +12,7 @@ from asynccb._snapshot import (
     Snapshot,
     StateLayout,
     StateLevel,
+    allocate_held,
     allocate_private,
     state_variables,
 )
@@ -24,7 +25,9 @@ __all__ = ["Snapshotter"]
 
 class Snapshotter:
     """Takes snapshots of the live model's state for the lanes: held
-    tensors, or copies into pooled buffers for worker processes.
+    tensors, or copies into pooled buffers for worker processes, and for
+    lanes in this process once a save learned where its file puts the
+    state (`offer_phases`).
 
     Lanes that need the model at the same dispatch (one hook call from
     Keras) share one snapshot: the first takes it, the others retain it,
@@ -62,14 +65,28 @@ class Snapshotter:
                      phases: dict[int, int]) -> None:
         """Records where a save's file puts the large slots of snapshots
         of `level` and `signature` within a page (slot: offset in the
-        page), learned by the process that wrote it: the next snapshots
-        are laid out so, and a worker process writes those slots' pages
-        from shared memory, without a copy. The first file's stay (of two
-        formats saved from one snapshot, the second keeps copying).
-        Called from lanes' threads: one dict operation each, atomic."""
+        page), learned by the lane that wrote it: the next snapshots are
+        laid out so, and the save writes those slots' pages from the
+        snapshot, without a copy. The first file's stay (of two formats
+        saved from one snapshot, the second keeps copying). Snapshots for
+        this process hold tensors no more (see `allocate_here`). Called
+        from lanes' threads: one dict operation each, atomic, and the
+        pool's lock."""
         known = self._phases.get(level)
         if known is None or known[0] != signature:
             self._phases[level] = (signature, dict(phases))
+        if self.pool.allocate is allocate_held:
+            self.pool.use(allocate_private)
+
+    def allocate_here(self) -> Callable[[int], Buffer]:
+        """How a run's snapshots for lanes in this process are made:
+        holding tensors, which costs the hook nothing, until a save learned
+        where its file puts the state; then copies laid out so, for a save
+        to write from their pages. A held tensor that training updates
+        before the save lets go of it is copied into new memory, and the
+        save copies it again to stage it: at 100 MiB and up that cost a
+        save more than the copy (`benchmarks/save_cost.py`)."""
+        return allocate_private if self._phases else allocate_held
 
     def take(
         self,

@@ -263,20 +263,17 @@ class TaskRunner:
         """
         self._select_shadow(task)
         shadow = self.shadow
-        # Taken now: a fast save may let go of its snapshot as it writes.
-        snapshot = task.snapshot
+        # Taken now: a fast save lets go of its snapshot as it writes.
+        layout = task.snapshot.layout if task.snapshot is not None else None
         with shadow.lock if shadow is not None else contextlib.nullcontext():
             before = self._prepare(task)
             result = self.invoke(task)
             effects = self.effects(task, before)
         if task.kind == "save":  # Counted in the lane's stats.
             effects.setdefault("save_paths", []).append(result)
-            if (snapshot is not None and not isinstance(snapshot, Snapshot)
-                    and not snapshot.layout.phases and shadow):
-                # In a worker process, for the training process to lay out
-                # the next snapshots in shared memory (held tensors are not
-                # written from their pages).
-                layout = snapshot.layout
+            if layout is not None and not layout.phases and shadow:
+                # For the training process to lay out the next snapshots
+                # where the file puts the state.
                 phases = learned_phases(shadow, task, layout.signature)
                 if phases:
                     effects["file_phases"] = (layout.level, layout.signature,

@@ -183,6 +183,67 @@ def test_a_worker_reports_where_files_put_the_state_for_the_next_snapshots(
     assert StateLayout(StateLevel.FULL, variables).spec.phases == ()
 
 
+def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
+        tmp_path, monkeypatch):
+    """On a thread, snapshots hold tensors until a save learned where the
+    file puts the state; from then on they are copies laid out so, whose
+    large variables' pages the saves write straight from the snapshot
+    (no staging copy, no held tensor for training to copy), and every
+    file is still Keras'."""
+    from asynccb import _staged_file
+    from asynccb._snapshot import StateLevel, allocate_private, kept_private
+
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open")
+    direct = []  # Where in a page each block written from memory starts.
+    add_direct = _staged_file.StagedFile._add_direct
+
+    def recorded(self, block, before):
+        direct.append(_staged_file.address(block) % _staged_file.ALIGN)
+        add_direct(self, block, before)
+
+    monkeypatch.setattr(_staged_file.StagedFile, "_add_direct", recorded)
+    keras_dir, ours = tmp_path / "keras", tmp_path / "asynccb"
+    keras_dir.mkdir(), ours.mkdir()
+    wrapped = [AsyncCallback(c, executor="thread")
+               for c in checkpoints(ours, every=2)]
+    model = make_model("functional", units=128)  # A 392 KiB kernel.
+    x, y = mnist_like(256)
+    copied, kept = [], []
+    kept_private.free()  # Earlier tests'.
+    for run in range(3):  # The report may come after the first run's saves.
+        direct.clear()
+        model.fit(x, y, epochs=1, **FIT,
+                  callbacks=checkpoints(keras_dir, every=2) + wrapped)
+        assert len(assert_keras_files(keras_dir, ours)) == 2 * 4
+        copied.append([c._dispatcher.snapshotter.snapshot_bytes
+                       for c in wrapped])
+        kept.append(sorted(_staged_file.address(memory)
+                           for memory in kept_private.pieces()))
+    # The copies' memory is kept between runs, and reused, not made anew.
+    assert kept[1] and kept[2] == kept[1], kept
+    for callback in wrapped:
+        snapshotter = callback._dispatcher.snapshotter
+        assert snapshotter.allocate_here() is allocate_private
+        assert snapshotter.layout(model, StateLevel.FULL).spec.phases
+        assert callback.stats().save_paths == {FIRST: 1, FAST: 11}
+    # The third run's snapshots were copies (held ones copy nothing).
+    assert all(b - a > 0 for a, b in zip(copied[1], copied[2])), copied
+    # Two files per save, three large variables each (kernel, moments).
+    assert len(direct) >= 2 * 4 * 3 and set(direct) == {0}, direct
+    # New callbacks for the same model: every save is fast from the first
+    # (which lets go of its snapshot as it writes), and reports all the
+    # same.
+    fresh = [AsyncCallback(c, executor="thread")
+             for c in checkpoints(ours, every=2)]
+    model.fit(x, y, epochs=1, **FIT, callbacks=fresh)
+    for callback in fresh:
+        snapshotter = callback._dispatcher.snapshotter
+        assert callback.stats().save_paths == {FAST: 4}
+        assert snapshotter.allocate_here() is allocate_private
+        assert snapshotter.layout(model, StateLevel.FULL).spec.phases
+
+
 def test_a_run_whose_saves_are_all_fast_builds_no_shadow(
         tmp_path, monkeypatch):
     """A checkpoint's shadow model is built only for a save through

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 
 import pytest
 
@@ -170,3 +171,51 @@ def test_a_freed_shared_buffer_is_kept_for_the_next_run():
         shared_memory.free_kept()
     assert shared_memory.kept_segments() == []
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def _kept_countdowns() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name == "asynccb-kept-memory"]
+
+
+def test_a_freed_private_buffer_is_kept_for_the_next_run():
+    """Freeing a private buffer (a run's end) keeps its memory, page
+    aligned and paged in, for the next buffer that fits in it; the idle
+    countdown then gives it back and ends, and so does
+    `asynccb.shutdown()`."""
+    import asynccb
+    from asynccb._snapshot import kept_private
+    from asynccb._staged_file import ALIGN, address
+
+    kept_private.free()  # Earlier tests' pools.
+    first = allocate_private(3 * ALIGN)
+    assert address(first.data) % ALIGN == 0 and first.nbytes >= 3 * ALIGN
+    start = address(first.data)
+    first.data[:4] = 7
+    first.free()
+    assert len(kept_private.pieces()) == 1 and _kept_countdowns()
+    again = allocate_private(2 * ALIGN)  # Fits: the same memory.
+    assert address(again.data) == start and list(again.data[:4]) == [7] * 4
+    larger = allocate_private(8 * ALIGN)  # Does not fit: new memory.
+    assert address(larger.data) != start
+    larger_start = address(larger.data)
+    again.free()
+    larger.free()
+    assert len(kept_private.pieces()) == 2
+    larger = allocate_private(8 * ALIGN)  # The second kept: taken.
+    assert address(larger.data) == larger_start
+    larger.free()
+    asynccb.shutdown()
+    assert kept_private.pieces() == []
+    for countdown in _kept_countdowns():
+        countdown.join(5)  # A cancelled countdown ends at once.
+    assert not _kept_countdowns()
+
+    kept_private.idle_timeout = 0.05
+    try:
+        allocate_private(ALIGN).free()
+        [countdown] = _kept_countdowns()
+        countdown.join(5)  # It fires, gives the memory back, and ends.
+        assert not countdown.is_alive() and kept_private.pieces() == []
+    finally:
+        kept_private.idle_timeout = asynccb._executors.IDLE_TIMEOUT_S

@@ -15,6 +15,8 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Iterable
 
+from asynccb._kept_memory import IDLE_TIMEOUT_S
+
 if TYPE_CHECKING:  # pragma: no cover
     from asynccb._executors.base import Executor
 
@@ -29,11 +31,6 @@ _IMPLEMENTATIONS = {
 
 EXECUTORS = tuple(_IMPLEMENTATIONS)
 """The executor names, in the order error messages list them."""
-
-IDLE_TIMEOUT_S = 600.0
-"""How long worker processes stay warm without a run, by default: long
-enough for a notebook's next cell or a sweep's next trial, short enough
-that a forgotten session gives its memory back."""
 
 
 def get_executor(name: str) -> type[Executor]:
@@ -54,18 +51,21 @@ def get_executor(name: str) -> type[Executor]:
 
 def shutdown() -> None:
     """Stops asynccb's warm worker processes now, and frees the snapshot
-    buffers kept for their next run.
+    buffers kept for the next run.
 
-    They stop by themselves after some idle minutes (see the README) and
+    Both go by themselves after some idle minutes (see the README) and
     at interpreter exit; call this to have their memory back at once. The
-    next run starts them again.
+    next run starts the workers again.
 
     Raises:
         RuntimeError: If a run is using them: call it after `fit` returns.
     """
+    from asynccb._snapshot import kept_private
+
     for name, (module, _) in _IMPLEMENTATIONS.items():
         if module in sys.modules:  # Only what was used can hold anything.
             get_executor(name).shutdown()
+    kept_private.free()
 
 
 def process_ending() -> None:
@@ -96,7 +96,8 @@ def configure_workers(
             own TensorFlow (about half a GiB). Runs that start later use
             the new count; idle workers beyond it stop now.
         idle_timeout: Seconds without a run after which the workers stop
-            (the next run starts them again), or `None` to keep them until
+            (the next run starts them again) and the snapshot buffers
+            kept for the next run are freed, or `None` to keep both until
             `asynccb.shutdown()` or interpreter exit.
         cpus: The CPU numbers asynccb's work runs on: its worker processes
             and, on Linux, its worker threads (each executor's threads,
@@ -122,6 +123,7 @@ def configure_workers(
     from asynccb._executors import placement
     from asynccb._executors.process import pool
     from asynccb._options import check_positive_int
+    from asynccb._snapshot import kept_private
 
     check_positive_int("processes", processes)
     if idle_timeout is not None and (
@@ -134,3 +136,4 @@ def configure_workers(
                          f"Received: idle_timeout={idle_timeout!r}")
     placement.set_worker_cpus(placement.check_cpus(cpus))
     pool.configure(processes, idle_timeout)
+    kept_private.idle_timeout = idle_timeout  # From the next run's end.

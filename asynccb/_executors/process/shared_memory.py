@@ -10,7 +10,6 @@ process is killed, multiprocessing's resource tracker unlinks them.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import os
 import sys
@@ -20,6 +19,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
+from asynccb._kept_memory import KeptMemory
 from asynccb._snapshot import Buffer
 
 __all__ = ["allocate_shared", "free_kept", "kept_segments", "SharedBuffers",
@@ -29,70 +29,26 @@ SEGMENT_PREFIX = "asynccb-"
 _SHM = "/dev/shm"  # Where Linux lists POSIX shared memory segments.
 _KEPT_SEGMENTS = 4  # Twice the buffers of a run with the default options.
 
+_kept: KeptMemory[shared_memory.SharedMemory] = KeptMemory(
+    size=lambda segment: segment.size,
+    drop=lambda segment: _unlink(segment),
+    limit=_KEPT_SEGMENTS)
+"""Segments whose run ended, kept for the next run's buffers.
 
-class _KeptSegments:
-    """Segments whose run ended, kept for the next run's buffers.
-
-    A new segment costs its size in fresh pages twice per run: the
-    training process pages it in, and the warm worker maps it again. On a
-    VM whose free memory goes back to its host, fresh pages cost many
-    times their copy: seconds of CPU per GiB of state, at every `fit`,
-    part of it on the training thread before the first step. A kept
-    segment is still paged in here and still mapped in the worker (its
-    name is the same), so the next run of a model that size pays neither.
-    They live as long as the warm workers they serve: the workers' idle
-    timeout, `asynccb.shutdown()` and interpreter exit unlink them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._segments: list[shared_memory.SharedMemory] = []
-        self._closed = False
-
-    def take(self, nbytes: int) -> shared_memory.SharedMemory | None:
-        """The smallest kept segment of `nbytes` up to twice that, if any
-        (a much larger one stays for the model it was made for)."""
-        with self._lock:
-            fitting = [s for s in self._segments
-                       if nbytes <= s.size <= 2 * nbytes]
-            if not fitting:
-                return None
-            segment = min(fitting, key=lambda s: s.size)
-            self._segments.remove(segment)
-            return segment
-
-    def keep(self, segment: shared_memory.SharedMemory) -> None:
-        """Keeps `segment` for a later run, unlinking the least recently
-        kept beyond `_KEPT_SEGMENTS` (all of them once closed)."""
-        with self._lock:
-            self._segments.append(segment)
-            unwanted = (self._segments if self._closed else
-                        self._segments[:-_KEPT_SEGMENTS])
-            self._segments = self._segments[len(unwanted):]
-        for old in unwanted:
-            _unlink(old)
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return [segment.name for segment in self._segments]
-
-    def free(self, closing: bool = False) -> None:
-        """Unlinks every kept segment; `closing`, also those kept later
-        (interpreter exit: a run closing after this frees its own)."""
-        with self._lock:
-            segments, self._segments = self._segments, []
-            self._closed = self._closed or closing
-        for segment in segments:
-            _unlink(segment)
-
-
-_kept = _KeptSegments()
+A new segment costs its fresh pages twice: the training process pages it
+in, and the warm worker maps it again (see `asynccb._kept_memory`). A
+kept segment is still paged in here and still mapped in the worker (its
+name is the same). They live as long as the warm workers they serve: the
+workers' idle timeout, `asynccb.shutdown()` and interpreter exit unlink
+them (registered after the dispatcher's exit hook: this module is
+imported when a run first needs it).
+"""
 free_kept = _kept.free
-kept_segments = _kept.names
-# Registered after the dispatcher's exit hook (this module is imported
-# when a run first needs it), so it runs first: runs closing after it
-# unlink their segments as they go.
-atexit.register(_kept.free, closing=True)
+
+
+def kept_segments() -> list[str]:
+    """The names of the segments kept for the next run."""
+    return [segment.name for segment in _kept.pieces()]
 
 
 def _unlink(segment: shared_memory.SharedMemory) -> None:
