@@ -40,7 +40,7 @@ class KeptMemory(Generic[T]):
 
     Attributes:
         idle_timeout: Seconds after the last piece was kept until all are
-            given back, or `None` for never (`asynccb.configure_workers`).
+            given back, or `None` for never (see `set_idle_timeout`).
     """
 
     def __init__(self, size: Callable[[T], int], drop: Callable[[T], None],
@@ -84,6 +84,15 @@ class KeptMemory(Generic[T]):
                 self._arm_idle()
         for old in unwanted:
             self._drop(old)
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        """Sets the idle timeout (`asynccb.configure_workers`) and starts
+        the countdown again with it."""
+        with self._lock:
+            self.idle_timeout = seconds
+            self._cancel_idle()
+            if self._pieces:
+                self._arm_idle()
 
     def pieces(self) -> list[T]:
         with self._lock:

@@ -211,11 +211,14 @@ def test_a_freed_private_buffer_is_kept_for_the_next_run():
         countdown.join(5)  # A cancelled countdown ends at once.
     assert not _kept_countdowns()
 
-    kept_private.idle_timeout = 0.05
     try:
         allocate_private(ALIGN).free()
+        [ten_minutes] = _kept_countdowns()  # The default.
+        kept_private.set_idle_timeout(0.05)  # Counts down again: 50 ms.
+        ten_minutes.join(5)  # Cancelled: ends at once.
+        assert not ten_minutes.is_alive()
         [countdown] = _kept_countdowns()
         countdown.join(5)  # It fires, gives the memory back, and ends.
         assert not countdown.is_alive() and kept_private.pieces() == []
     finally:
-        kept_private.idle_timeout = asynccb._executors.IDLE_TIMEOUT_S
+        kept_private.set_idle_timeout(asynccb._executors.IDLE_TIMEOUT_S)

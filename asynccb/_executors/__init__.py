@@ -136,4 +136,4 @@ def configure_workers(
                          f"Received: idle_timeout={idle_timeout!r}")
     placement.set_worker_cpus(placement.check_cpus(cpus))
     pool.configure(processes, idle_timeout)
-    kept_private.idle_timeout = idle_timeout  # From the next run's end.
+    kept_private.set_idle_timeout(idle_timeout)
