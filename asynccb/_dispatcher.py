@@ -23,6 +23,7 @@ from asynccb._feedback import (
     raise_failure,
 )
 from asynccb._hooks import copy_logs
+from asynccb._kept_memory import interpreter_exiting
 from asynccb._lane import Lane
 from asynccb._run_watch import RunWatch, keras_run_frame
 from asynccb._saving import remove_in_progress
@@ -164,7 +165,7 @@ class Dispatcher:
                 _preemption.run_started(self)
             # Snapshots hold tensors, unless a lane's workers are in
             # another process (see `_start_lane`) or saves write from them.
-            self.pool.use(self.snapshotter.allocate_here())
+            self.pool.use(self.snapshotter.allocate_in_process())
             for lane in self.lanes:
                 if lane.here:
                     self._start_lane(lane)
@@ -543,7 +544,9 @@ def _failed(lane: Lane) -> Callable[[], bool]:
 def _close_all() -> None:
     # A hand-written loop that never called `on_train_end`: finish its
     # queued hooks (nothing is lost) before the interpreter goes; then stop
-    # the warm workers, which no run uses any more.
+    # the warm workers, which no run uses any more. Runs closing now start
+    # no idle countdown (see `interpreter_exiting`).
+    interpreter_exiting()
     for dispatcher in list(_live_dispatchers):
         dispatcher.close(grace=dispatcher.grace, exiting=True)
     # Only now: a run closed later may still have been writing its saves.

@@ -1,4 +1,4 @@
-"""Snapshot memory whose run ended, kept warm for the next run's buffers.
+"""What runs keep for the next run, and the countdowns that give it back.
 
 A new snapshot buffer costs its size in fresh pages at every `fit`. On a
 VM whose free memory goes back to its host (as on the machine the
@@ -12,11 +12,11 @@ and given back: after an idle timeout without a run, at
 
 from __future__ import annotations
 
-import atexit
 import threading
 from typing import Callable, Generic, TypeVar
 
-__all__ = ["IDLE_TIMEOUT_S", "KeptMemory"]
+__all__ = ["IDLE_TIMEOUT_S", "KEPT", "KeptMemory", "countdown",
+           "interpreter_exiting"]
 
 IDLE_TIMEOUT_S = 600.0
 """How long worker processes stay warm, and snapshot memory is kept,
@@ -24,7 +24,39 @@ without a run, by default: long enough for a notebook's next cell or a
 sweep's next trial, short enough that a forgotten session gives its
 memory back."""
 
+KEPT = 4
+"""How many snapshot buffers are kept: twice a run's, by default."""
+
 T = TypeVar("T")
+
+_exiting = False
+
+
+def interpreter_exiting() -> None:
+    """Starts no countdown from now on: the interpreter is exiting (the
+    first thing asynccb's exit hook does). What is kept goes with the
+    process, and from Python 3.12 a thread started in an exit hook raises,
+    which would cut short the closing of the runs that keep memory."""
+    global _exiting
+    _exiting = True
+
+
+def countdown(seconds: float, expire: Callable[[threading.Timer], None],
+              name: str) -> threading.Timer | None:
+    """A started daemon timer calling `expire(timer)` after `seconds`, or
+    `None` once the interpreter is exiting.
+
+    `expire` receives its timer, to tell whether it is still the current
+    one: a countdown cancelled after it fired still runs `expire`.
+    """
+    if _exiting:
+        return None
+    timer = threading.Timer(seconds, expire)
+    timer.args = (timer,)
+    timer.name = name
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class KeptMemory(Generic[T]):
@@ -39,12 +71,12 @@ class KeptMemory(Generic[T]):
             executor's segments go with its warm workers).
 
     Attributes:
-        idle_timeout: Seconds after the last piece was kept until all are
-            given back, or `None` for never (see `set_idle_timeout`).
+        idle_timeout: Seconds after a run gave back its last piece until
+            all are given back, or `None` for never (`set_idle_timeout`).
     """
 
     def __init__(self, size: Callable[[T], int], drop: Callable[[T], None],
-                 limit: int, idle_name: str | None = None):
+                 limit: int = KEPT, idle_name: str | None = None):
         self._size = size
         self._drop = drop
         self._limit = limit
@@ -54,18 +86,18 @@ class KeptMemory(Generic[T]):
         self._pieces: list[T] = []
         self._idle: threading.Timer | None = None
         self._closed = False
-        # At exit, after this, runs closing give their memory back as they
-        # go (the dispatcher's exit hook may run before or after it).
-        atexit.register(self.free, closing=True)
 
     def take(self, nbytes: int) -> T | None:
         """The smallest kept piece of `nbytes` up to twice that, if any
-        (a much larger one stays for the model it was made for)."""
+        (a much larger one stays for the model it was made for). A run
+        is using the memory: the idle countdown stops until it is kept
+        again."""
         with self._lock:
             fitting = [i for i, p in enumerate(self._pieces)
                        if nbytes <= self._size(p) <= 2 * nbytes]
             if not fitting:
                 return None
+            self._cancel_idle()
             # By position: pieces may not compare (NumPy arrays).
             index = min(fitting, key=lambda i: self._size(self._pieces[i]))
             return self._pieces.pop(index)
@@ -80,8 +112,7 @@ class KeptMemory(Generic[T]):
                         self._pieces[:-self._limit])
             self._pieces = self._pieces[len(unwanted):]
             self._cancel_idle()
-            if self._pieces:
-                self._arm_idle()
+            self._arm_idle()
         for old in unwanted:
             self._drop(old)
 
@@ -91,10 +122,10 @@ class KeptMemory(Generic[T]):
         with self._lock:
             self.idle_timeout = seconds
             self._cancel_idle()
-            if self._pieces:
-                self._arm_idle()
+            self._arm_idle()
 
     def pieces(self) -> list[T]:
+        """The pieces kept now, least recently kept first."""
         with self._lock:
             return list(self._pieces)
 
@@ -109,14 +140,11 @@ class KeptMemory(Generic[T]):
             self._drop(piece)
 
     def _arm_idle(self) -> None:
-        if self._idle_name is None or self.idle_timeout is None:
-            return
-        idle = threading.Timer(self.idle_timeout, self._expire)
-        idle.args = (idle,)
-        idle.name = self._idle_name
-        idle.daemon = True
-        self._idle = idle
-        idle.start()
+        """Starts the idle countdown (under the lock), unless nothing is
+        kept, there is no timeout, or something else frees it."""
+        if self._pieces and self._idle_name and self.idle_timeout is not None:
+            self._idle = countdown(self.idle_timeout, self._expire,
+                                   self._idle_name)
 
     def _cancel_idle(self) -> None:
         # Not joined: a countdown that fired waits for the lock held here,
@@ -128,7 +156,7 @@ class KeptMemory(Generic[T]):
     def _expire(self, timer: threading.Timer) -> None:
         with self._lock:
             if timer is not self._idle:
-                return  # Cancelled: a run took a piece, or a free.
+                return  # Cancelled: a run took memory, or it was freed.
             pieces, self._pieces, self._idle = self._pieces, [], None
         for piece in pieces:
             self._drop(piece)

@@ -300,7 +300,6 @@ def allocate_held(nbytes: int) -> Buffer:
 kept_private: KeptMemory[np.ndarray] = KeptMemory(
     size=lambda memory: memory.nbytes - ALIGN,
     drop=lambda memory: None,  # Its last reference gone, NumPy frees it.
-    limit=4,  # Twice the buffers of a run with the default options.
     idle_name="asynccb-kept-memory")
 """The private snapshot memory of ended runs (see `asynccb._kept_memory`)."""
 
@@ -378,9 +377,14 @@ class BufferPool:
             self.high_water = max(self.high_water, self._count)
         return buffer
 
-    def use(self, allocate: Callable[[int], Buffer]) -> None:
-        """Makes new buffers with `allocate` from now on."""
+    def use(self, allocate: Callable[[int], Buffer],
+            instead_of: Callable[[int], Buffer] | None = None) -> None:
+        """Makes new buffers with `allocate` from now on; given
+        `instead_of`, only if that is the allocator now (one atomic step:
+        lanes' threads and the training thread both switch it)."""
         with self._cond:
+            if instead_of is not None and self.allocate is not instead_of:
+                return
             if allocate is not self.allocate:
                 self.allocate = allocate
                 self._retire_free()

@@ -68,24 +68,25 @@ class Snapshotter:
         page), learned by the lane that wrote it: the next snapshots are
         laid out so, and the save writes those slots' pages from the
         snapshot, without a copy. The first file's stay (of two formats
-        saved from one snapshot, the second keeps copying). Snapshots for
-        this process hold tensors no more (see `allocate_here`). Called
-        from lanes' threads: one dict operation each, atomic, and the
-        pool's lock."""
+        saved from one snapshot, the second keeps copying). Snapshots of
+        that level for this process are copies from now on (see
+        `allocate_in_process`). Called from lanes' threads: one dict
+        operation each, atomic, and the pool's lock."""
         known = self._phases.get(level)
         if known is None or known[0] != signature:
             self._phases[level] = (signature, dict(phases))
-        if self.pool.allocate is allocate_held:
-            self.pool.use(allocate_private)
+        self.pool.use(allocate_private, instead_of=allocate_held)
 
-    def allocate_here(self) -> Callable[[int], Buffer]:
-        """How a run's snapshots for lanes in this process are made:
-        holding tensors, which costs the hook nothing, until a save learned
-        where its file puts the state; then copies laid out so, for a save
-        to write from their pages. A held tensor that training updates
-        before the save lets go of it is copied into new memory, and the
-        save copies it again to stage it: at 100 MiB and up that cost a
-        save more than the copy (`benchmarks/save_cost.py`)."""
+    def allocate_in_process(self) -> Callable[[int], Buffer]:
+        """How a run's snapshot buffers for lanes in this process are
+        made: places for held tensors, which cost the hook nothing, until a
+        save learned where its file puts the state; then private memory,
+        for copies laid out so, which the save writes from their pages
+        (other levels' snapshots still hold: see `_holds`). A held tensor
+        that training updates before the save lets go of it is copied into
+        new memory, and the save copies it again to stage it: at 100 MiB
+        and up that cost a save more than the copy
+        (`benchmarks/save_cost.py`)."""
         return allocate_private if self._phases else allocate_held
 
     def take(
@@ -120,7 +121,7 @@ class Snapshotter:
             buffer, waited = self._acquire(layout.nbytes, lane, check)
         start = time.perf_counter()
         held = None
-        if buffer is not None and buffer.held:
+        if buffer is not None and _holds(buffer, layout):
             held = layout.hold()
         elif buffer is not None:
             layout.capture(buffer)
@@ -199,3 +200,10 @@ class Snapshotter:
         `BufferPool.close`)."""
         self.end_window()
         self.pool.close(deadline)
+
+
+def _holds(buffer: Buffer, layout: StateLayout) -> bool:
+    """Whether a snapshot in `buffer` holds tensors rather than copying:
+    unless a worker process reads it (shared memory) or a save writes
+    from it (laid out for the file), holding costs the hook nothing."""
+    return buffer.held or (buffer.name is None and not layout.spec.phases)

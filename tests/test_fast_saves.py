@@ -224,7 +224,7 @@ def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
     assert kept[1] and kept[2] == kept[1], kept
     for callback in wrapped:
         snapshotter = callback._dispatcher.snapshotter
-        assert snapshotter.allocate_here() is allocate_private
+        assert snapshotter.allocate_in_process() is allocate_private
         assert snapshotter.layout(model, StateLevel.FULL).spec.phases
         assert callback.stats().save_paths == {FIRST: 1, FAST: 11}
     # The third run's snapshots were copies (held ones copy nothing).
@@ -240,8 +240,59 @@ def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
     for callback in fresh:
         snapshotter = callback._dispatcher.snapshotter
         assert callback.stats().save_paths == {FAST: 4}
-        assert snapshotter.allocate_here() is allocate_private
+        assert snapshotter.allocate_in_process() is allocate_private
         assert snapshotter.layout(model, StateLevel.FULL).spec.phases
+
+
+def test_on_a_thread_only_snapshots_laid_out_for_a_file_are_copies(
+        tmp_path):
+    """In a list whose checkpoint's snapshots became copies laid out for
+    its file (the full state), a callback reading the weights at each
+    epoch's end still gets held tensors: only the saves' snapshots cost
+    the hook a copy, and the weights read are those of their step."""
+    from asynccb import AsyncCallbackList
+    from asynccb._snapshot import StateLevel
+
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open")
+
+    class ReadsKernel(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.kernels.append(self.model.get_weights()[0])
+
+    class Truth(keras.callbacks.Callback):  # Synchronous: the live model.
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.kernels.append(self.model.get_weights()[0])
+
+    model = make_model("functional", units=128)
+    x, y = mnist_like(256)  # 8 steps of 32: a save every 4.
+    reads, truth = ReadsKernel(), Truth()
+    callbacks = AsyncCallbackList([
+        keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "{epoch:02d}-{batch:03d}.keras"), save_freq=4),
+        AsyncCallback(reads, executor="thread", state="weights"),
+        truth,
+    ], model=model, add_history=True, executor="thread")
+    model.fit(x, y, epochs=1, **FIT, callbacks=callbacks)  # Learns the file.
+    snapshotter = callbacks._dispatcher.snapshotter
+    before = snapshotter.snapshots, snapshotter.snapshot_bytes
+    model.fit(x, y, epochs=2, **FIT, callbacks=callbacks)
+    full = snapshotter.layout(model, StateLevel.FULL)
+    assert full.spec.phases  # Laid out for the file.
+    # Two saves per epoch, each a copy; two epoch ends, each held.
+    assert snapshotter.snapshots - before[0] == 2 * 2 + 2
+    assert snapshotter.snapshot_bytes - before[1] == 2 * 2 * full.nbytes
+    assert len(reads.kernels) == len(truth.kernels) == 3
+    for read, live in zip(reads.kernels, truth.kernels):
+        np.testing.assert_array_equal(read, live)
 
 
 def test_a_run_whose_saves_are_all_fast_builds_no_shadow(

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from asynccb._kept_memory import KEPT
 from asynccb._saving import atomic_path
 from asynccb._snapshot import BufferPool, allocate_private
 
@@ -110,7 +111,7 @@ def test_a_closed_lane_gives_its_mappings_back():
     those it keeps for its next runs, as many as it keeps stay mapped."""
     from asynccb._executors.process import shared_memory
 
-    kept = shared_memory._KEPT_SEGMENTS
+    kept = KEPT
     buffers = shared_memory.SharedBuffers(0)
     segments = [shared_memory.allocate_shared(4096)
                 for _ in range(kept + 2)]
@@ -160,7 +161,7 @@ def test_a_freed_shared_buffer_is_kept_for_the_next_run():
         again.free()
         larger.free()
         many = [shared_memory.allocate_shared(4096)
-                for _ in range(shared_memory._KEPT_SEGMENTS + 1)]
+                for _ in range(KEPT + 1)]
         names = [buffer.name for buffer in many]
         assert names[0] == name  # The smallest that fits comes first.
         for buffer in many:
@@ -180,35 +181,40 @@ def _kept_countdowns() -> list[threading.Thread]:
 
 def test_a_freed_private_buffer_is_kept_for_the_next_run():
     """Freeing a private buffer (a run's end) keeps its memory, page
-    aligned and paged in, for the next buffer that fits in it; the idle
-    countdown then gives it back and ends, and so does
-    `asynccb.shutdown()`."""
+    aligned and paged in, for the next buffer that fits in it (at most
+    twice its size); the idle countdown then gives it back and ends, and
+    so does `asynccb.shutdown()`."""
     import asynccb
     from asynccb._snapshot import kept_private
     from asynccb._staged_file import ALIGN, address
 
     kept_private.free()  # Earlier tests' pools.
+    for countdown in _kept_countdowns():
+        countdown.join(5)  # Cancelled by that: ends at once.
     first = allocate_private(3 * ALIGN)
     assert address(first.data) % ALIGN == 0 and first.nbytes >= 3 * ALIGN
     start = address(first.data)
     first.data[:4] = 7
     first.free()
-    assert len(kept_private.pieces()) == 1 and _kept_countdowns()
+    assert len(kept_private.pieces()) == 1 and len(_kept_countdowns()) == 1
+    larger = allocate_private(8 * ALIGN)  # Does not fit: new memory.
+    smaller = allocate_private(ALIGN)  # Fits, but would waste it: new.
+    assert start not in (address(larger.data), address(smaller.data))
+    assert len(kept_private.pieces()) == 1
     again = allocate_private(2 * ALIGN)  # Fits: the same memory.
     assert address(again.data) == start and list(again.data[:4]) == [7] * 4
-    larger = allocate_private(8 * ALIGN)  # Does not fit: new memory.
-    assert address(larger.data) != start
+    assert kept_private.pieces() == []
     larger_start = address(larger.data)
-    again.free()
-    larger.free()
-    assert len(kept_private.pieces()) == 2
-    larger = allocate_private(8 * ALIGN)  # The second kept: taken.
+    for buffer in (again, larger, smaller):
+        buffer.free()
+    assert len(kept_private.pieces()) == 3
+    larger = allocate_private(7 * ALIGN)  # Not the first kept: taken.
     assert address(larger.data) == larger_start
     larger.free()
     asynccb.shutdown()
     assert kept_private.pieces() == []
     for countdown in _kept_countdowns():
-        countdown.join(5)  # A cancelled countdown ends at once.
+        countdown.join(5)  # Cancelled: ends at once.
     assert not _kept_countdowns()
 
     try:
@@ -217,8 +223,8 @@ def test_a_freed_private_buffer_is_kept_for_the_next_run():
         kept_private.set_idle_timeout(0.05)  # Counts down again: 50 ms.
         ten_minutes.join(5)  # Cancelled: ends at once.
         assert not ten_minutes.is_alive()
-        [countdown] = _kept_countdowns()
-        countdown.join(5)  # It fires, gives the memory back, and ends.
-        assert not countdown.is_alive() and kept_private.pieces() == []
+        for countdown in _kept_countdowns():  # Unless it ended already.
+            countdown.join(5)  # It fires, gives the memory back, and ends.
+        assert kept_private.pieces() == [] and not _kept_countdowns()
     finally:
         kept_private.set_idle_timeout(asynccb._executors.IDLE_TIMEOUT_S)

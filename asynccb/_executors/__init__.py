@@ -62,10 +62,12 @@ def shutdown() -> None:
     """
     from asynccb._snapshot import kept_private
 
-    for name, (module, _) in _IMPLEMENTATIONS.items():
-        if module in sys.modules:  # Only what was used can hold anything.
-            get_executor(name).shutdown()
-    kept_private.free()
+    try:
+        for name, (module, _) in _IMPLEMENTATIONS.items():
+            if module in sys.modules:  # Only what was used holds anything.
+                get_executor(name).shutdown()
+    finally:
+        kept_private.free()
 
 
 def process_ending() -> None:

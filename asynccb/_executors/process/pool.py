@@ -34,6 +34,7 @@ from typing import Any
 
 from asynccb._errors import WorkerDiedError
 from asynccb._executors import IDLE_TIMEOUT_S
+from asynccb._kept_memory import countdown
 from asynccb._executors.placement import worker_cpus
 from asynccb._executors.process import messages, shared_memory
 
@@ -322,12 +323,8 @@ class _Pool:
         attached), unless there is nothing to stop or no timeout."""
         if self.idle_timeout is None or not self._workers:
             return
-        idle = threading.Timer(self.idle_timeout, self._expire)
-        idle.args = (idle,)
-        idle.name = "asynccb-pool-idle"
-        idle.daemon = True
-        self._idle = idle
-        idle.start()
+        self._idle = countdown(self.idle_timeout, self._expire,
+                               "asynccb-pool-idle")
 
     def _cancel_idle(self) -> None:
         # Not joined: a timer that already fired waits for the lock held

@@ -10,6 +10,7 @@ process is killed, multiprocessing's resource tracker unlinks them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import sys
@@ -19,7 +20,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from asynccb._kept_memory import KeptMemory
+from asynccb._kept_memory import KEPT, KeptMemory
 from asynccb._snapshot import Buffer
 
 __all__ = ["allocate_shared", "free_kept", "kept_segments", "SharedBuffers",
@@ -27,12 +28,9 @@ __all__ = ["allocate_shared", "free_kept", "kept_segments", "SharedBuffers",
 
 SEGMENT_PREFIX = "asynccb-"
 _SHM = "/dev/shm"  # Where Linux lists POSIX shared memory segments.
-_KEPT_SEGMENTS = 4  # Twice the buffers of a run with the default options.
-
 _kept: KeptMemory[shared_memory.SharedMemory] = KeptMemory(
     size=lambda segment: segment.size,
-    drop=lambda segment: _unlink(segment),
-    limit=_KEPT_SEGMENTS)
+    drop=lambda segment: _unlink(segment))
 """Segments whose run ended, kept for the next run's buffers.
 
 A new segment costs its fresh pages twice: the training process pages it
@@ -40,10 +38,13 @@ in, and the warm worker maps it again (see `asynccb._kept_memory`). A
 kept segment is still paged in here and still mapped in the worker (its
 name is the same). They live as long as the warm workers they serve: the
 workers' idle timeout, `asynccb.shutdown()` and interpreter exit unlink
-them (registered after the dispatcher's exit hook: this module is
-imported when a run first needs it).
+them.
 """
 free_kept = _kept.free
+# Registered after the dispatcher's exit hook (this module is imported
+# when a run first needs it), so it runs first: runs closing after it
+# unlink their segments as they go.
+atexit.register(_kept.free, closing=True)
 
 
 def kept_segments() -> list[str]:
@@ -106,7 +107,7 @@ class SharedBuffers:
         capacity: How many mappings the open lanes need (their pools never
             have more buffers alive). Lanes add their share as they open
             (`grow`) and take it back as they close (`shrink`). Beyond it,
-            up to `_KEPT_SEGMENTS` more stay mapped, least recently used
+            up to `KEPT` more stay mapped, least recently used
             closed first: the training process keeps that many segments
             of ended runs for its next runs, which then find them mapped
             here. Segments removed by the training process are unmapped
@@ -132,7 +133,7 @@ class SharedBuffers:
     def _trim(self) -> None:
         for gone in [n for n in self._mapped if _unlinked(n)]:
             self._close(self._mapped.pop(gone))
-        while len(self._mapped) > self.capacity + _KEPT_SEGMENTS:
+        while len(self._mapped) > self.capacity + KEPT:
             self._close(self._mapped.popitem(last=False)[1])
 
     def array(self, name: str, nbytes: int) -> np.ndarray:
