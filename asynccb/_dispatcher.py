@@ -25,6 +25,7 @@ from asynccb._feedback import (
 from asynccb._hooks import copy_logs
 from asynccb._kept_memory import interpreter_exiting
 from asynccb._lane import Lane
+from asynccb._roles import saver_kind
 from asynccb._run_watch import RunWatch, keras_run_frame
 from asynccb._saving import remove_in_progress
 from asynccb._shadow import ModelBlueprint, current_blueprint
@@ -101,7 +102,8 @@ class Dispatcher:
         _close_abandoned_runs()
         if model is not self.model:
             self.model = model
-            self.snapshotter.forget_layouts()
+            self.snapshotter.forget_layouts(
+                model, tuple(saver_kind(lane.callback) for lane in self.lanes))
             self.chief = is_chief(model)
             for lane in self.lanes:
                 lane.here = self.chief or lane.on_every_worker

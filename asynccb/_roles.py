@@ -16,6 +16,7 @@ __all__ = [
     "default_executor",
     "is_known_slow",
     "offloads_saves",
+    "saver_kind",
     "waits_for_saves",
     "on_every_worker",
     "inline_on_every_worker",
@@ -107,6 +108,16 @@ def offloads_saves(callback: Any) -> bool:
     backup goes to the worker as one task (see `asynccb._backups`).
     """
     return isinstance(callback, _SAVES_ONLY_TYPES)
+
+
+def saver_kind(callback: Any) -> str:
+    """What `callback` saves, as far as the file's layout goes: its class,
+    and for a ModelCheckpoint whether it saves weights only (two of them
+    on one model write different files)."""
+    kind = type(callback).__qualname__
+    if isinstance(callback, _cb.ModelCheckpoint):
+        kind += "(weights)" if callback.save_weights_only else "(model)"
+    return kind
 
 
 def waits_for_saves(callback: Any) -> frozenset[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from asynccb._preemption import Deadline, TooLate, no_deadline, passed
@@ -21,6 +22,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from asynccb._lane import Lane
 
 __all__ = ["Snapshotter"]
+
+_Phases = dict[StateLevel, tuple[tuple, dict[int, int]]]
+
+# Where saves' files put each live model's state (see
+# `Snapshotter.offer_phases`), kept with the model, by the callbacks
+# saving it: a new list or callback saving the same files of a model
+# whose files were learned lays out its first snapshots for them too. Its
+# first save would otherwise hold tensors, which training copies into
+# fresh memory as it goes on (about a second at 1.5 GiB).
+_model_phases: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, ...], _Phases]] = weakref.WeakKeyDictionary()
+
+
+def _phases_of(model: Any, savers: tuple[str, ...]) -> _Phases:
+    """The phases known for `model` saved by `savers` (to fill in): kept
+    while the model lives, or new ones for a model that cannot be weakly
+    referenced."""
+    try:
+        by_savers = _model_phases.setdefault(model, {})
+    except TypeError:
+        return {}
+    return by_savers.setdefault(savers, {})
 
 
 class Snapshotter:
@@ -53,13 +76,14 @@ class Snapshotter:
         # Where a save's file puts large slots within a page, by level: the
         # variables' signature it was learned for, and the phases (see
         # `offer_phases`). By level alone, so a snapshot looks it up
-        # without hashing the signature.
-        self._phases: dict[StateLevel, tuple[tuple, dict[int, int]]] = {}
+        # without hashing the signature. The model's own (`_phases_of`).
+        self._phases: _Phases = {}
 
-    def forget_layouts(self) -> None:
-        """Drops the layouts: the snapshots are of another model now."""
+    def forget_layouts(self, model: Any, savers: tuple[str, ...]) -> None:
+        """Drops the layouts: the snapshots are of `model` now, for lanes
+        whose callbacks save as `savers` say (`_roles.saver_kind`)."""
         self._layouts.clear()
-        self._phases.clear()
+        self._phases = _phases_of(model, savers)
 
     def offer_phases(self, level: StateLevel, signature: tuple,
                      phases: dict[int, int]) -> None:

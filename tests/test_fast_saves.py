@@ -231,9 +231,9 @@ def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
     assert all(b - a > 0 for a, b in zip(copied[1], copied[2])), copied
     # Two files per save, three large variables each (kernel, moments).
     assert len(direct) >= 2 * 4 * 3 and set(direct) == {0}, direct
-    # New callbacks for the same model: every save is fast from the first
-    # (which lets go of its snapshot as it writes), and reports all the
-    # same.
+    # New callbacks for the same model: every save is fast from the first,
+    # and every snapshot a copy laid out for the file, the first too (the
+    # model's phases are kept with it).
     fresh = [AsyncCallback(c, executor="thread")
              for c in checkpoints(ours, every=2)]
     model.fit(x, y, epochs=1, **FIT, callbacks=fresh)
@@ -241,7 +241,9 @@ def test_a_threads_saves_write_snapshots_laid_out_for_the_file(
         snapshotter = callback._dispatcher.snapshotter
         assert callback.stats().save_paths == {FAST: 4}
         assert snapshotter.allocate_in_process() is allocate_private
-        assert snapshotter.layout(model, StateLevel.FULL).spec.phases
+        full = snapshotter.layout(model, StateLevel.FULL)
+        assert full.spec.phases
+        assert snapshotter.snapshot_bytes == 4 * full.nbytes
 
 
 def test_on_a_thread_only_snapshots_laid_out_for_a_file_are_copies(
