@@ -291,7 +291,13 @@ def fast_writer_seconds(model: Any, form: str, scratch: str,
         with atomic_path(path) as tmp:
             template.write(tmp, arrays)
 
-    cost = median_cost(write, repeats)
+    try:
+        cost = median_cost(write, repeats)
+    finally:
+        # Given back to the memory kept for the next run, which it may
+        # have come from: kept by this function, it would cost the
+        # thread variant's next fit new pages (seconds at 1 GiB and up).
+        buffer.free()
     os.remove(path)
     return {"bytes": template.size, **cost}
 
