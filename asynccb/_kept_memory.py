@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Generic, TypeVar
 
-__all__ = ["IDLE_TIMEOUT_S", "KEPT", "KeptMemory", "countdown",
+__all__ = ["IDLE_TIMEOUT_S", "KEPT", "Countdown", "KeptMemory",
            "interpreter_exiting"]
 
 IDLE_TIMEOUT_S = 600.0
@@ -41,22 +41,49 @@ def interpreter_exiting() -> None:
     _exiting = True
 
 
-def countdown(seconds: float, expire: Callable[[threading.Timer], None],
-              name: str) -> threading.Timer | None:
-    """A started daemon timer calling `expire(timer)` after `seconds`, or
-    `None` once the interpreter is exiting.
+class Countdown:
+    """One idle countdown at a time, for an owner that starts, cancels and
+    expires it under a lock of its own.
 
-    `expire` receives its timer, to tell whether it is still the current
-    one: a countdown cancelled after it fired still runs `expire`.
+    Args:
+        name: The name of the countdown's thread.
+        expire: Called with the timer when it runs out; it takes the
+            owner's lock and asks `expired` first: a countdown cancelled
+            after it ran out still calls it.
     """
-    if _exiting:
-        return None
-    timer = threading.Timer(seconds, expire)
-    timer.args = (timer,)
-    timer.name = name
-    timer.daemon = True
-    timer.start()
-    return timer
+
+    def __init__(self, name: str,
+                 expire: Callable[[threading.Timer], None]):
+        self.name = name
+        self._expire = expire
+        self.timer: threading.Timer | None = None
+
+    def start(self, seconds: float) -> None:
+        """Starts counting `seconds` (the current one cancelled), unless
+        the interpreter is exiting."""
+        self.cancel()
+        if _exiting:
+            return
+        timer = threading.Timer(seconds, self._expire)
+        timer.args = (timer,)
+        timer.name = self.name
+        timer.daemon = True
+        self.timer = timer
+        timer.start()
+
+    def cancel(self) -> None:
+        # Not joined: a countdown that ran out waits for the owner's lock,
+        # held here, then sees it is no longer the current one.
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def expired(self, timer: threading.Timer) -> bool:
+        """Whether `timer` is the current countdown (then no longer)."""
+        if timer is not self.timer:
+            return False  # Cancelled: a run came, or it was freed.
+        self.timer = None
+        return True
 
 
 class KeptMemory(Generic[T]):
@@ -80,11 +107,11 @@ class KeptMemory(Generic[T]):
         self._size = size
         self._drop = drop
         self._limit = limit
-        self._idle_name = idle_name
         self.idle_timeout: float | None = IDLE_TIMEOUT_S
         self._lock = threading.Lock()
         self._pieces: list[T] = []
-        self._idle: threading.Timer | None = None
+        self._idle = (Countdown(idle_name, self._expire)
+                      if idle_name is not None else None)
         self._closed = False
 
     def take(self, nbytes: int) -> T | None:
@@ -142,21 +169,17 @@ class KeptMemory(Generic[T]):
     def _arm_idle(self) -> None:
         """Starts the idle countdown (under the lock), unless nothing is
         kept, there is no timeout, or something else frees it."""
-        if self._pieces and self._idle_name and self.idle_timeout is not None:
-            self._idle = countdown(self.idle_timeout, self._expire,
-                                   self._idle_name)
+        if self._idle and self._pieces and self.idle_timeout is not None:
+            self._idle.start(self.idle_timeout)
 
     def _cancel_idle(self) -> None:
-        # Not joined: a countdown that fired waits for the lock held here,
-        # then sees it is no longer the current one.
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.cancel()
+        if self._idle:
+            self._idle.cancel()
 
     def _expire(self, timer: threading.Timer) -> None:
         with self._lock:
-            if timer is not self._idle:
-                return  # Cancelled: a run took memory, or it was freed.
-            pieces, self._pieces, self._idle = self._pieces, [], None
+            if not (self._idle and self._idle.expired(timer)):
+                return
+            pieces, self._pieces = self._pieces, []
         for piece in pieces:
             self._drop(piece)

@@ -60,7 +60,7 @@ def nothing_left_behind(request):
     # for the next run (a run restarts it: one at most, after the last).
     from asynccb._snapshot import kept_private
 
-    counting = kept_private._idle  # The current one; others were cancelled.
+    counting = kept_private._idle.timer  # Current; others were cancelled.
     leaked = [t for t in threading.enumerate() if t not in before
               and not t.name.startswith("asynccb-pool") and t is not counting]
     if request.node.get_closest_marker("foreign_threads"):

@@ -34,7 +34,7 @@ from typing import Any
 
 from asynccb._errors import WorkerDiedError
 from asynccb._executors import IDLE_TIMEOUT_S
-from asynccb._kept_memory import countdown
+from asynccb._kept_memory import Countdown
 from asynccb._executors.placement import worker_cpus
 from asynccb._executors.process import messages, shared_memory
 
@@ -245,7 +245,7 @@ class _Pool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._workers: list[WorkerProcess] = []
-        self._idle: threading.Timer | None = None
+        self._idle = Countdown("asynccb-pool-idle", self._expire)
         self.processes = 1
         self.idle_timeout: float | None = IDLE_TIMEOUT_S
 
@@ -323,21 +323,16 @@ class _Pool:
         attached), unless there is nothing to stop or no timeout."""
         if self.idle_timeout is None or not self._workers:
             return
-        self._idle = countdown(self.idle_timeout, self._expire,
-                               "asynccb-pool-idle")
+        self._idle.start(self.idle_timeout)
 
     def _cancel_idle(self) -> None:
-        # Not joined: a timer that already fired waits for the lock held
-        # here; `_expire` then sees it is no longer the current one.
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.cancel()
+        self._idle.cancel()
 
     def _expire(self, timer: threading.Timer) -> None:
         with self._lock:
-            if timer is not self._idle:
-                return  # Cancelled: a run came, or a shutdown.
-            workers, self._workers, self._idle = self._workers, [], None
+            if not self._idle.expired(timer):
+                return
+            workers, self._workers = self._workers, []
         # The snapshot buffers kept for them: removed first, so that they
         # are gone once the workers are (unmapped by their exit).
         shared_memory.free_kept()
