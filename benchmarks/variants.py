@@ -166,11 +166,13 @@ class TimedList(AsyncCallbackList):
 
 
 def _asynccb(executor: str | None, check_executor: str | None = None,
-             checkpoint: bool = True):
+             checkpoint: bool = True, fast_saves: bool = True):
     """The same callbacks in an `AsyncCallbackList`, all on `executor` (or,
     with `None`, each on its kind's default executor); the sanity check is
     wrapped, declaring that it reads the weights only, on `check_executor`
-    if given. Without `checkpoint`, the other callbacks alone."""
+    if given. Without `checkpoint`, the other callbacks alone; without
+    `fast_saves`, every save through Keras' writer (as before fast
+    saves)."""
     def build(directory, config, x, model):
         checkpoints = [_keras_checkpoint(directory, config)] if checkpoint else []
         callbacks = checkpoints + [
@@ -180,7 +182,8 @@ def _asynccb(executor: str | None, check_executor: str | None = None,
             for cb in _other_callbacks(directory, config, x)
         ]
         timed = TimedList(callbacks, model=model, add_history=True,
-                          executor=executor, every=config.save_every,
+                          executor=executor, fast_saves=fast_saves,
+                          every=config.save_every,
                           after=config.steps_per_epoch,
                           floor=CopyFloor(config.state_bytes))
         return timed, timed
@@ -280,6 +283,12 @@ VARIANTS = [
     Variant("asynccb thread", _asynccb("thread")),
     Variant("asynccb process", _asynccb("process")),
     Variant("asynccb async", _asynccb("async")),
+    # Each save through Keras' writer, as before fast saves: what they
+    # gain, paired in the same run.
+    *[Variant(f"asynccb {executor or 'defaults'} (fast off)",
+              _asynccb(executor, fast_saves=False), in_all=False,
+              note="fast_saves=False: every save through Keras' writer")
+      for executor in (None, "thread", "process")],
     Variant("tf.train.Checkpoint", _plain(
         lambda d, c: TFCheckpoint(d, c.save_every, enable_async=False)),
         note="TensorFlow checkpoint, synchronous"),
